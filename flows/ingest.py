@@ -1,0 +1,119 @@
+"""The `ingest` flow: crawl a URL list with img2dataset into a dataset (shards + Parquet + manifest).
+
+    python -m flows.ingest --url-list urls.parquet --output data/crawl --image-size 64
+
+Every input row is accounted for: successes plus each failure reason equal the input rows, shown
+as a table (printed, and as a Prefect artifact), logged to MLflow, and kept per row in the shards'
+Parquet. Re-running the same command skips finished shards; a finished crawl is not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from prefect import flow, get_run_logger
+
+from storage.tracking import stage_run
+from tasks.ingest import (
+    CrawlParams,
+    IngestResult,
+    commit_shards,
+    count_outcomes,
+    crawl,
+    finished_dataset,
+    publish_report,
+    read_url_list,
+    reason_table,
+    seal_dataset,
+)
+
+
+@flow(name="ingest", flow_run_name="ingest-{output}", log_prints=True)
+def ingest(url_list: str, output: str, params: CrawlParams | None = None) -> IngestResult:
+    """Crawl `url_list` into the dataset `output`."""
+    logger = get_run_logger()
+    params = params or CrawlParams()
+    done = finished_dataset(output, url_list, params)
+    if done is not None:
+        logger.info("%s already holds this crawl (%s); nothing to do", output, done.digest)
+        stats = done.manifest.stats
+        return IngestResult(
+            dataset=done.url,
+            digest=done.digest,
+            rows=stats["rows"],
+            samples=done.manifest.total_samples,
+            reasons=stats["reasons"],
+            skipped=True,
+        )
+    urls = read_url_list(url_list, output, params)
+    with stage_run(
+        "ingest", params={"url_list": url_list, "output": output, **params.model_dump()}
+    ) as run:
+        seconds = crawl(urls, output, params)
+        shards = commit_shards(urls, output, params)
+        outcome = count_outcomes(output, shards)
+        counted = sum(outcome["reasons"].values())
+        if counted != urls.rows:
+            raise RuntimeError(
+                f"{output}: {counted} rows accounted for, the URL list has {urls.rows}"
+            )
+        samples = sum(s.num_samples for s in shards)
+        stats = {
+            "rows": urls.rows,
+            "samples": samples,
+            "crawl_seconds": round(seconds, 3),
+            "images_per_s": round(samples / seconds, 2),
+            **outcome,
+        }
+        dataset = seal_dataset(output, shards, urls, params, stats)
+        publish_report(dataset, stats)
+    return IngestResult(
+        dataset=dataset.url,
+        digest=dataset.digest,
+        rows=urls.rows,
+        samples=samples,
+        reasons=outcome["reasons"],
+        images_per_s=stats["images_per_s"],
+        mlflow_run_id=run.info.run_id,
+    )
+
+
+def print_summary(result: IngestResult) -> None:
+    print(
+        f"\n{result.dataset}: {result.samples} of {result.rows} URLs crawled ({result.digest[:19]})"
+    )
+    print(f"{'reason':<22}{'count':>8}{'fraction':>10}")
+    for row in reason_table(result.reasons):
+        print(f"{row['reason']:<22}{row['count']:>8}{row['fraction']:>10.1%}")
+    if result.images_per_s:
+        print(f"{result.images_per_s:.1f} images/s")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m flows.ingest", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--url-list", required=True, help="Parquet, CSV, TSV or JSONL; path or fsspec URL"
+    )
+    p.add_argument("--output", required=True, help="dataset folder or fsspec URL")
+    defaults = CrawlParams()
+    for name, field in CrawlParams.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        if isinstance(default, list):
+            p.add_argument(flag, nargs="*", default=default, help=field.description)
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=field.description)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(parse_args(argv))
+    url_list, output = args.pop("url_list"), args.pop("output")
+    result = ingest(url_list=url_list, output=output, params=CrawlParams(**args))
+    print_summary(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

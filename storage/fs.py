@@ -1,0 +1,75 @@
+"""Paths that may be local folders or fsspec URLs, and atomic writes on either.
+
+Every stage reads and writes through here, so `s3://bucket/ds`, `memory://ds` and `./data/ds`
+behave alike. A file is written under a temporary name and renamed into place, so a reader never
+sees half a file under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from typing import IO
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+__all__ = ["atomic_open", "atomic_write_bytes", "exists", "filesystem", "join", "sha256_file"]
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for `url` and the path inside it."""
+    return url_to_fs(str(url))
+
+
+def join(base: str, *names: str) -> str:
+    """Join path components, keeping a URL's protocol (`memory://a` + `b` -> `memory://a/b`)."""
+    base = str(base).rstrip("/")
+    return "/".join([base, *(n.strip("/") for n in names)])
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+@contextlib.contextmanager
+def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
+    """Open `url` for writing; the file appears under its name only if the block succeeds."""
+    fs, path = filesystem(url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with fs.open(tmp, mode) as f:
+            yield f
+        if isinstance(fs, LocalFileSystem):
+            os.replace(tmp, path)  # atomic on POSIX; fs.mv may copy then delete
+        else:
+            fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
+
+
+def atomic_write_bytes(url: str, data: bytes) -> None:
+    with atomic_open(url, "wb") as f:
+        f.write(data)
+
+
+def sha256_file(url: str, chunk: int = 1 << 20) -> tuple[str, int]:
+    """The sha256 hex digest and the size in bytes of the file at `url`."""
+    fs, path = filesystem(url)
+    h = hashlib.sha256()
+    size = 0
+    with fs.open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
