@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if isinstance(default, list):
             p.add_argument(flag, nargs="*", default=default, help=field.description)
         else:
-            p.add_argument(flag, type=type(default), default=default, help=field.description)
+            p.add_argument(flag, type=field.annotation, default=default, help=field.description)
     return p.parse_args(argv)
 
 

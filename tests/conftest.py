@@ -47,3 +47,42 @@ def session_mlflow(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="session")
+def sample_web(tmp_path_factory):
+    """The full sample web (seed 0), generated once per session."""
+    from tasks.sample_web import generate_sample_web
+
+    return generate_sample_web(tmp_path_factory.mktemp("sample_web"))
+
+
+@pytest.fixture(scope="session")
+def sample_url_list(sample_web):
+    """The sample web served on a free loopback port; yields its URL list's path."""
+    from tasks.sample_web import serve_sample_web, write_url_list
+
+    with serve_sample_web(sample_web.out_dir, port=0) as base_url:
+        yield str(
+            write_url_list(sample_web.out_dir, base_url, sample_web.out_dir / "urls_test.parquet")
+        )
+
+
+def sample_crawl_params(**overrides):
+    """The crawl settings the sample web's expected outcomes were observed with."""
+    from tasks.ingest import CrawlParams
+    from tasks.sample_web import CRAWL_SETTINGS
+
+    settings = {k: v for k, v in CRAWL_SETTINGS.items() if v is not None}
+    return CrawlParams(**{**settings, "keep_columns": ["expected"], **overrides})
+
+
+@pytest.fixture(scope="session")
+def crawled_sample(prefect_harness, session_mlflow, sample_url_list, tmp_path_factory):
+    """The sample web crawled through the ingest flow: an `IngestResult` (its `.dataset` path)."""
+    from flows.ingest import ingest
+
+    out = tmp_path_factory.mktemp("crawl") / "dataset"
+    return ingest(
+        url_list=sample_url_list, output=str(out), params=sample_crawl_params(samples_per_shard=500)
+    )

@@ -1,0 +1,240 @@
+"""The ingest flow against the sample web over loopback: every row accounted for, every defect
+counted, bad input refused, and a killed crawl resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import sample_crawl_params
+
+from storage import open_dataset
+from tasks.ingest import failure_reason
+from tasks.sample_web import OUTCOMES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_defect_lands_in_its_reason(crawled_sample, sample_web):
+    ds = open_dataset(crawled_sample.dataset, verify=True)
+    meta = ds.metadata(columns=["expected", "status", "error_message"])
+    labels = Counter(meta.column("expected").to_pylist())
+    assert labels == Counter(sample_web.labels)  # every input row is in the Parquet, once
+    seen = Counter(
+        zip(
+            meta.column("expected").to_pylist(),
+            meta.column("status").to_pylist(),
+            meta.column("error_message").to_pylist(),
+            strict=True,
+        )
+    )
+    for label, count in sample_web.labels.items():
+        status, message = OUTCOMES[label]
+        matching = sum(
+            n
+            for (lab, st, msg), n in seen.items()
+            if lab == label and st == status and (message is None or message in (msg or ""))
+        )
+        assert matching == count, (
+            f"{label}: {matching} rows as ({status}, {message}), expected {count}"
+        )
+
+
+def test_reasons_add_up_to_the_input_rows(crawled_sample, sample_web):
+    reasons = crawled_sample.reasons
+    assert sum(reasons.values()) == crawled_sample.rows == sample_web.rows
+    want: Counter[str] = Counter()
+    for label, count in sample_web.labels.items():
+        status, message = OUTCOMES[label]
+        want["success" if status == "success" else failure_reason(message)] += count
+    assert reasons == dict(want)
+    assert {
+        "http_404",
+        "http_500",
+        "timeout",
+        "undecodable",
+        "too_small",
+        "aspect_ratio",
+        "robots_disallowed",
+    } <= set(reasons)
+    ds = open_dataset(crawled_sample.dataset)
+    assert ds.manifest.total_samples == reasons["success"] == crawled_sample.samples
+    assert ds.manifest.stats["reasons"] == reasons
+    assert sum(1 for _ in ds.iter_samples()) == reasons["success"]
+
+
+def test_crawl_is_logged_to_mlflow(crawled_sample):
+    run = mlflow.get_run(crawled_sample.mlflow_run_id)
+    assert run.data.params["image_size"] == "64"
+    assert run.data.metrics["count_http_404"] == crawled_sample.reasons["http_404"]
+    assert run.data.metrics["success_rate"] == pytest.approx(
+        crawled_sample.samples / crawled_sample.rows
+    )
+    assert run.data.metrics["images_per_s"] > 0
+    (dataset_input,) = run.inputs.dataset_inputs
+    tags = {t.key: t.value for t in dataset_input.tags}
+    assert (
+        tags["manifest_digest"] == crawled_sample.digest and tags["mlflow.data.context"] == "output"
+    )
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
+    assert "ingest_stats.json" in artifacts
+
+
+def test_rerun_of_a_finished_crawl_does_nothing(crawled_sample, sample_url_list):
+    from flows.ingest import ingest
+
+    again = ingest(
+        url_list=sample_url_list,
+        output=crawled_sample.dataset,
+        params=sample_crawl_params(samples_per_shard=500),
+    )
+    assert (
+        again.skipped
+        and again.digest == crawled_sample.digest
+        and again.reasons == crawled_sample.reasons
+    )
+
+
+@pytest.mark.parametrize(
+    ("write", "flags", "message"),
+    [
+        (
+            lambda p: pq.write_table(pa.table({"link": ["http://x/a.jpg"], "caption": ["a"]}), p),
+            {},
+            r"no column 'url' \(--url-col\); its columns are: link, caption",
+        ),
+        (
+            lambda p: pq.write_table(pa.table({"url": ["http://x/a.jpg"], "text": ["a"]}), p),
+            {},
+            r"no column 'caption' \(--caption-col\); its columns are: url, text",
+        ),
+        (
+            lambda p: pq.write_table(
+                pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())}),
+                p,
+            ),
+            {},
+            "has no rows",
+        ),
+        (lambda p: p.write_bytes(b"PAR1 this is not parquet"), {}, "unreadable as parquet"),
+    ],
+    ids=["no-url-column", "no-caption-column", "empty", "unreadable"],
+)
+def test_bad_url_list_is_refused_and_writes_no_dataset(
+    tmp_path, prefect_harness, write, flags, message
+):
+    from flows.ingest import ingest
+
+    url_list = tmp_path / "urls.parquet"
+    write(url_list)
+    with pytest.raises(ValueError, match=message):
+        ingest(
+            url_list=str(url_list),
+            output=str(tmp_path / "out"),
+            params=sample_crawl_params(keep_columns=[], **flags),
+        )
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_missing_and_unsupported_url_lists_are_named(tmp_path, prefect_harness):
+    from flows.ingest import ingest
+
+    with pytest.raises(FileNotFoundError, match="nowhere.csv': no such file"):
+        ingest(url_list=str(tmp_path / "nowhere.csv"), output=str(tmp_path / "out"))
+    (tmp_path / "urls.xlsx").write_bytes(b"x")
+    with pytest.raises(
+        ValueError, match=r"unsupported file type '.xlsx'; accepted: .parquet, .csv, .tsv, .jsonl"
+    ):
+        ingest(url_list=str(tmp_path / "urls.xlsx"), output=str(tmp_path / "out"))
+
+
+def test_csv_tsv_and_jsonl_url_lists_are_read(tmp_path):
+    from tasks.ingest import CrawlParams, read_url_list
+
+    rows = [{"u": f"http://127.0.0.1:9/{i}.jpg", "c": f"caption {i}"} for i in range(3)]
+    (tmp_path / "a.csv").write_text("u,c\n" + "".join(f"{r['u']},{r['c']}\n" for r in rows))
+    (tmp_path / "a.tsv").write_text("u\tc\n" + "".join(f"{r['u']}\t{r['c']}\n" for r in rows))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("a.csv", "a.tsv", "a.jsonl"):
+        staged = read_url_list.fn(
+            str(tmp_path / name),
+            str(tmp_path / f"out-{name}"),
+            CrawlParams(url_col="u", caption_col="c"),
+        )
+        table = pq.read_table(staged.staged)
+        assert staged.rows == 3 and table.column("caption").to_pylist() == [
+            "caption 0",
+            "caption 1",
+            "caption 2",
+        ]
+
+
+def test_output_on_a_file_is_refused(tmp_path):
+    from tasks.ingest import CrawlParams, read_url_list
+
+    (tmp_path / "file").write_text("not a folder")
+    pq.write_table(pa.table({"url": ["http://x/a.jpg"], "caption": ["a"]}), tmp_path / "u.parquet")
+    with pytest.raises(PermissionError, match="file/out' is not writable"):
+        read_url_list.fn(str(tmp_path / "u.parquet"), str(tmp_path / "file" / "out"), CrawlParams())
+
+
+def _ingest_command(url_list: str, output: Path, per_shard: int) -> list[str]:
+    params = sample_crawl_params(samples_per_shard=per_shard)
+    return [
+        sys.executable, "-m", "flows.ingest", "--url-list", url_list, "--output", str(output),
+        "--samples-per-shard", str(per_shard), "--timeout", str(params.timeout),
+        "--min-image-size", str(params.min_image_size), "--max-aspect-ratio", str(params.max_aspect_ratio),
+        "--keep-columns", "expected", "--processes-count", "1", "--thread-count", "8",
+    ]  # fmt: skip
+
+
+def test_killed_crawl_resumes_and_skips_finished_shards(tmp_path, sample_url_list):
+    """Kill a real crawl (SIGKILL to its whole process group) once a shard is done, then resume."""
+    subset = tmp_path / "urls.parquet"
+    pq.write_table(pq.read_table(sample_url_list).slice(0, 1000), subset)
+    labels = Counter(pq.read_table(subset).column("expected").to_pylist())
+    out = tmp_path / "crawl"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    cmd = _ingest_command(str(subset), out, per_shard=250)
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT
+        )
+        shards_dir = out / ".ingest" / "shards"
+        deadline = time.monotonic() + 300
+        while (
+            not list(shards_dir.glob("*_stats.json"))
+            and proc.poll() is None
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = {p.name: p.stat().st_mtime_ns for p in shards_dir.glob("*_stats.json")}
+    assert finished, (
+        "the crawl was killed before it finished a shard:\n"
+        + (tmp_path / "killed.log").read_text()[-2000:]
+    )
+    assert len(finished) < 4, "the crawl finished before it was killed"
+    assert not (out / "manifest.json").exists()
+
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name, mtime in finished.items():  # finished shards were not crawled again
+        assert (shards_dir / name).stat().st_mtime_ns == mtime
+    ds = open_dataset(str(out), verify=True)
+    statuses = Counter(ds.metadata(columns=["status"]).column("status").to_pylist())
+    assert sum(statuses.values()) == 1000
+    ok = sum(n for label, n in labels.items() if OUTCOMES[label][0] == "success")
+    assert statuses["success"] == ok == ds.manifest.total_samples
+    assert "success" in done.stdout and "reason" in done.stdout  # the printed per-reason table
