@@ -10,9 +10,11 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -168,12 +170,51 @@ def _finished_shards(staging: str) -> list[str]:
     return sorted(n.split("_")[0] for n in names)
 
 
-@task(name="crawl")
-def crawl(url_list: UrlList, output: str, params: CrawlParams) -> float:
-    """Run img2dataset in a subprocess, streaming its output and a shard progress bar.
+def _download_here(kwargs: dict[str, Any]) -> None:
+    """img2dataset in this process: possible only in the main thread, where its SIGINT handler
+    can be installed. The previous handler is put back afterwards."""
+    import signal
 
-    Returns the crawl's wall time in seconds. Shards finished by an earlier, interrupted run are
-    skipped by img2dataset's incremental mode.
+    from img2dataset import download
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        download(**kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _download_in_subprocess(kwargs: dict[str, Any], logger) -> None:
+    """img2dataset in a child process's main thread, its output streamed into our logs."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(kwargs, f)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tasks.crawl", f.name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    tail: list[str] = []
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line and "it/s]" not in line:  # img2dataset's own per-shard bars only add noise
+            logger.info("img2dataset: %s", line)
+            tail = (tail + [line])[-20:]
+    rc = proc.wait()
+    os.unlink(f.name)
+    if rc != 0:
+        raise RuntimeError(f"img2dataset exited with {rc}:\n" + "\n".join(tail))
+
+
+@task(name="crawl", log_prints=True)
+def crawl(url_list: UrlList, output: str, params: CrawlParams) -> float:
+    """Run img2dataset with a shard progress bar; returns the crawl's wall time in seconds.
+
+    img2dataset installs a SIGINT handler, which Python allows only in a main thread (DESIGN.md,
+    trap 2): in the main thread (the CLI, a deployment's flow run) it runs here, with its prints
+    in the task's logs; in any other thread it runs in a subprocess. Shards finished by an
+    earlier, interrupted run are skipped by img2dataset's incremental mode.
     """
     logger = get_run_logger()
     staging = join(output, STAGING)
@@ -192,18 +233,10 @@ def crawl(url_list: UrlList, output: str, params: CrawlParams) -> float:
         f.write(wanted.encode())
     total = math.ceil(url_list.rows / params.samples_per_shard)
     shards_dir = join(output, CRAWL_DIR)
-    config = join(staging, "img2dataset.json")
-    with atomic_open(config, "wb") as f:
-        f.write(json.dumps(_img2dataset_kwargs(url_list, shards_dir, params)).encode())
+    kwargs = _img2dataset_kwargs(url_list, shards_dir, params)
+    with atomic_open(join(staging, "img2dataset.json"), "wb") as f:  # a record of the call
+        f.write(json.dumps(kwargs, indent=2).encode())
 
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tasks.crawl", filesystem(config)[1]],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-    )
     done = threading.Event()
 
     def show_progress() -> None:
@@ -214,17 +247,15 @@ def crawl(url_list: UrlList, output: str, params: CrawlParams) -> float:
 
     progress = threading.Thread(target=show_progress, daemon=True)
     progress.start()
-    tail: list[str] = []
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line and "it/s]" not in line:  # img2dataset's own per-shard bars only add noise
-            logger.info("img2dataset: %s", line)
-            tail = (tail + [line])[-20:]
-    rc = proc.wait()
-    done.set()
-    progress.join()
-    if rc != 0:
-        raise RuntimeError(f"img2dataset exited with {rc}:\n" + "\n".join(tail))
+    start = time.perf_counter()
+    try:
+        if threading.current_thread() is threading.main_thread():
+            _download_here(kwargs)
+        else:
+            _download_in_subprocess(kwargs, logger)
+    finally:
+        done.set()
+        progress.join()
     return time.perf_counter() - start
 
 

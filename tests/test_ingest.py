@@ -238,3 +238,32 @@ def test_killed_crawl_resumes_and_skips_finished_shards(tmp_path, sample_url_lis
     ok = sum(n for label, n in labels.items() if OUTCOMES[label][0] == "success")
     assert statuses["success"] == ok == ds.manifest.total_samples
     assert "success" in done.stdout and "reason" in done.stdout  # the printed per-reason table
+
+
+def test_crawl_off_the_main_thread_runs_img2dataset_in_a_subprocess(tmp_path, sample_url_list):
+    """img2dataset's SIGINT handler needs a main thread: from a worker thread it gets a process."""
+    import logging
+    import threading
+
+    from tasks.ingest import UrlList, _download_in_subprocess, _img2dataset_kwargs
+
+    subset = tmp_path / "urls.parquet"
+    pq.write_table(pq.read_table(sample_url_list).slice(0, 20).select(["url", "caption"]), subset)
+    staged = UrlList(source=str(subset), staged=str(subset), rows=20, digest="")
+    kwargs = _img2dataset_kwargs(
+        staged, str(tmp_path / "shards"), sample_crawl_params(keep_columns=[])
+    )
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _download_in_subprocess(kwargs, logging.getLogger("test"))
+        except BaseException as e:  # noqa: BLE001 - reported to the main thread below
+            errors.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(timeout=300)
+    assert not errors and not worker.is_alive()
+    table = pq.read_table(tmp_path / "shards" / "00000.parquet")
+    assert table.num_rows == 20 and (tmp_path / "shards" / "00000_stats.json").exists()
