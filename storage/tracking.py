@@ -26,6 +26,21 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def prefect_tags() -> dict[str, str]:
+    """The enclosing Prefect flow run's id, name and UI link, when there is one."""
+    try:
+        from prefect.runtime import flow_run
+    except ImportError:  # the library used without the orchestrator
+        return {}
+    run_id = flow_run.id
+    if not run_id:
+        return {}
+    tags = {"prefect.flow_run_id": str(run_id), "prefect.flow_run_name": str(flow_run.name)}
+    if url := flow_run.ui_url:
+        tags["prefect.flow_run_url"] = str(url)
+    return tags
+
+
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested parameters as MLflow's flat `a.b.c` keys (values cut to MLflow's 6000 chars)."""
     flat: dict[str, str] = {}
@@ -58,7 +73,7 @@ def stage_run(
     with mlflow.start_run(
         run_name=run_name or stage,
         nested=parent is not None,
-        tags={"stage": stage, **(tags or {})},
+        tags={"stage": stage, **prefect_tags(), **(tags or {})},
     ) as run:
         if params:
             mlflow.log_params(flatten_params(params))
