@@ -29,7 +29,7 @@ from flows.evaluate import evaluate
 from flows.ingest import ingest
 from flows.train import train
 from storage.tracking import stage_run, tracking_uri
-from tasks.evaluate import format_results_table
+from tasks.evaluate import format_results_table, mlflow_metrics
 from tasks.pipeline import (
     PipelineConfig,
     load_profile,
@@ -95,7 +95,7 @@ def clip_pipeline(profile: str = "tiny", config: PipelineConfig | None = None) -
                 for k, v in trained.metrics.items()
                 if k.endswith("loss")
             },
-            **{f"{t}/{m}": v for t, ms in evaluated.metrics.items() for m, v in ms.items()},
+            **mlflow_metrics(evaluated.metrics),
         }
         mlflow.log_metrics(headline)
         stages = {"ingest": crawled, "curate": curated, "train": trained, "evaluate": evaluated}

@@ -1,0 +1,199 @@
+"""Zero-shot evaluation during training: a Lightning callback that runs an eval suite every N steps.
+
+    from clip_model.eval_callback import ZeroShotEvalCallback
+
+    callback = ZeroShotEvalCallback(
+        "configs/eval/sample.yaml", root="data/sample", every_n_steps=100,
+        tasks=["digits", "retrieval"], max_images=200,
+    )
+    trainer = L.Trainer(callbacks=[callback], ...)   # e.g. clip_model.train.train(cfg, callbacks=[...])
+
+Every `every_n_steps` optimizer steps (and once at the end of training) rank 0 runs the suite on
+the module's model (`pl_module.model`, a `clip_model.CLIP`) and logs `<task>/<metric>` to the
+trainer's loggers at that step: the names the `evaluate` flow logs (`digits/acc1`,
+`retrieval/image_retrieval_recall_at_1`). The other ranks wait at a barrier, so under DDP the
+evaluation should stay short (a quick subset: `tasks=` and `max_images=`): a barrier longer than
+the process group's timeout (30 min by default) ends the run.
+
+The tokenizer is the one given, else the module's or the DataModule's `tokenizer` attribute
+(`ClipDataModule` has one); the image size is the model's `config.image_size`.
+
+MLflow metric names allow no "@", so CLIP_benchmark's `image_retrieval_recall@1` is logged as
+`image_retrieval_recall_at_1` (`loggable_metrics`), as the training module's val/ metrics are.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from clip_model.eval_suite import EvalSuite, load_suite
+from clip_model.evaluate import Precision, flat_metrics, run_suite
+
+__all__ = ["ZeroShotEvalCallback", "loggable_metrics", "mlflow_metric_name"]
+
+
+def mlflow_metric_name(name: str) -> str:
+    """A metric name MLflow accepts: `retrieval/image_retrieval_recall@1` ->
+    `retrieval/image_retrieval_recall_at_1` (MLflow allows letters, digits, _ - . / : space)."""
+    return name.replace("@", "_at_")
+
+
+def loggable_metrics(flat: Mapping[str, float]) -> dict[str, float]:
+    """`{"<task>/<metric>": value}` with names MLflow (and Lightning's MLFlowLogger) keep as is."""
+    return {mlflow_metric_name(k): float(v) for k, v in flat.items()}
+
+
+def quick_suite(
+    suite: EvalSuite, *, tasks: Sequence[str] | None = None, max_images: int | None = None
+) -> EvalSuite:
+    """`suite` cut to the named `tasks` (in suite order) with at most `max_images` per task."""
+    names = [t.name for t in suite.tasks]
+    if tasks is not None:
+        unknown = [t for t in tasks if t not in names]
+        if unknown:
+            raise ValueError(f"suite {suite.name} has no task {unknown}; it has {names}")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images={max_images}: must be >= 1 (or None for every image)")
+    kept = []
+    for task in suite.tasks:
+        if tasks is not None and task.name not in tasks:
+            continue
+        if max_images is not None:
+            limit = min(task.max_images or max_images, max_images)
+            task = task.model_copy(update={"max_images": limit})
+        kept.append(task)
+    return suite.model_copy(update={"tasks": kept})
+
+
+class ZeroShotEvalCallback(Callback):
+    """Run an eval suite (or a quick subset) every `every_n_steps` steps; log `<task>/<metric>`.
+
+    `precision="auto"` evaluates in bf16 when the trainer trains in bf16, else in fp32.
+    `at_end`: also evaluate after the last step when it was not an evaluation step.
+    `history` keeps (step, metrics) of every evaluation (rank 0).
+    """
+
+    def __init__(
+        self,
+        suite: str | Path | EvalSuite,
+        *,
+        every_n_steps: int,
+        root: str | Path | None = None,
+        tasks: Sequence[str] | None = None,
+        max_images: int | None = None,
+        tokenizer: Any = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        precision: Precision | str = "auto",
+        at_end: bool = True,
+    ):
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps}: must be >= 1")
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+        # read and check the suite now, on every rank: a bad path fails before training starts
+        if not isinstance(suite, EvalSuite):
+            suite = load_suite(suite, root=root)
+        elif root is not None:
+            suite = suite.resolved(root=Path(root).expanduser().absolute())
+        self.suite = quick_suite(suite, tasks=tasks, max_images=max_images)
+        self.every_n_steps = every_n_steps
+        self.tokenizer = tokenizer
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.precision = precision
+        self.at_end = at_end
+        self.last_step = -1
+        self.history: list[tuple[int, dict[str, float]]] = []
+
+    # ---- what to evaluate with ------------------------------------------------------------
+
+    def _tokenizer(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+        if self.tokenizer is not None:
+            return self.tokenizer
+        for owner in (pl_module, getattr(trainer, "datamodule", None)):
+            tokenizer = getattr(owner, "tokenizer", None)
+            if tokenizer is not None:
+                return tokenizer
+        raise ValueError(
+            "ZeroShotEvalCallback needs a tokenizer: pass tokenizer=, or give the LightningModule "
+            "or the DataModule a `tokenizer` attribute (ClipDataModule has one)"
+        )
+
+    @staticmethod
+    def _model(pl_module: L.LightningModule) -> Any:
+        model = getattr(pl_module, "model", pl_module)
+        if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
+            raise TypeError(
+                f"{type(pl_module).__name__}: expected a CLIP at `.model` (with encode_image and "
+                "encode_text) to evaluate"
+            )
+        return model
+
+    def _precision(self, trainer: L.Trainer) -> Precision:
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if "bf16" in str(trainer.precision) else "fp32"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # fail at the start of training, not at the first evaluation
+            self._tokenizer(trainer, pl_module)
+            self._model(pl_module)
+
+    # ---- when -----------------------------------------------------------------------------
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        step = trainer.global_step
+        # global_step moves when the optimizer steps: with gradient accumulation several batches
+        # see the same step, and only the first of them evaluates
+        if step > 0 and step % self.every_n_steps == 0 and step != self.last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_end and trainer.global_step != self.last_step:
+            self.evaluate(trainer, pl_module)
+
+    # ---- the evaluation ---------------------------------------------------------------------
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Run the suite on rank 0 and log it at the current step; every rank returns after the
+        barrier (only rank 0 returns the metrics, the others an empty dict)."""
+        step = trainer.global_step
+        self.last_step = step
+        metrics: dict[str, float] = {}
+        if trainer.is_global_zero:
+            model = self._model(pl_module)
+            started = time.perf_counter()
+            results = run_suite(
+                model,
+                self._tokenizer(trainer, pl_module),
+                self.suite,
+                image_size=model.config.image_size,
+                device=pl_module.device,
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                precision=self._precision(trainer),
+            )
+            seconds = time.perf_counter() - started
+            metrics = loggable_metrics(flat_metrics(results))
+            for logger in trainer.loggers:
+                logger.log_metrics({**metrics, "eval/seconds": seconds}, step=step)
+            if isinstance(getattr(pl_module, "last_metrics", None), dict):
+                pl_module.last_metrics.update(metrics)  # lands in the run's final metrics
+            self.history.append((step, metrics))
+            # printed like the module's step lines: the train flow streams the trainer's stdout
+            values = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            print(f"step {step} eval {self.suite.name} ({seconds:.1f} s) {values}", flush=True)
+        trainer.strategy.barrier("ZeroShotEvalCallback.evaluate")
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_step = state_dict.get("last_step", -1)

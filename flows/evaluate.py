@@ -1,0 +1,173 @@
+"""The `evaluate` flow: zero-shot classification, retrieval and linear probes of a CLIP checkpoint.
+
+    python -m flows.evaluate --checkpoint data/runs/tiny/checkpoints/step-00000500.ckpt \\
+        --suite configs/eval/sample.yaml --root data/sample
+    python -m flows.evaluate --checkpoint ViT-B-32.pt --suite my_suite.yaml --tasks digits,retrieval \\
+        --precision bf16 --output data/eval/vit-b-32
+
+The checkpoint is this project's (a training run's step-N.ckpt, its tokenizer.json found in the
+run folder, or an exported {"state_dict", "model_config"} file) or OpenAI's / OpenCLIP's weights.
+The suite (configs/eval/*.yaml, see clip_model/eval_suite.py) lists the tasks; --root replaces
+"{root}" in its dataset paths. Results: MLflow (stage "evaluate": `<task>/<metric>` metrics, the
+results JSON, a confusion matrix per classification task, a grid of retrieval examples), a Prefect
+table artifact, OUTPUT/<key>/ (the same files) and a printed table. A rerun with the same
+checkpoint, suite, root, tasks and precision returns the recorded result (--force recomputes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import mlflow
+from prefect import flow, get_run_logger
+
+from storage.tracking import stage_run
+from tasks.evaluate import (
+    EvaluateResult,
+    default_output,
+    evaluation_key,
+    file_sha256,
+    find_previous,
+    format_results_table,
+    load_eval_suite,
+    load_model,
+    metrics_of,
+    mlflow_metrics,
+    publish_table,
+    record_result,
+    run_evaluation,
+    write_results,
+)
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    parameters = flow_run.parameters
+    return f"evaluate-{Path(parameters['checkpoint']).stem}-{Path(parameters['suite']).stem}"
+
+
+@flow(name="evaluate", flow_run_name=_run_name, log_prints=True)
+def evaluate(
+    checkpoint: str,
+    suite: str,
+    root: str | None = None,
+    output: str | None = None,
+    tasks: list[str] | None = None,
+    precision: str = "fp32",
+    tokenizer: str | None = None,
+    force: bool = False,
+    batch_size: int = 128,
+    device: str = "auto",
+    num_workers: int = 0,
+) -> EvaluateResult:
+    """Evaluate the CLIP in `checkpoint` on the suite YAML `suite` (its "{root}" = `root`)."""
+    logger = get_run_logger()
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    eval_suite = load_eval_suite(suite, root, tasks)  # bad suite or data: fails before any work
+    clip = load_model(checkpoint, tokenizer)
+    checkpoint_sha256 = file_sha256(checkpoint)
+    tokenizer_file = getattr(clip.tokenizer, "path", None)
+    identity = {
+        "checkpoint": checkpoint,
+        "checkpoint_sha256": checkpoint_sha256,
+        "suite": suite,
+        "suite_name": eval_suite.name,
+        "suite_sha256": file_sha256(suite),
+        "root": root,
+        "tasks": [t.name for t in eval_suite.tasks],
+        "precision": precision,
+        "tokenizer": str(tokenizer_file) if tokenizer_file else "openai",
+        "tokenizer_sha256": file_sha256(tokenizer_file),
+    }
+    key = evaluation_key(
+        checkpoint_sha256=checkpoint_sha256,
+        suite_sha256=identity["suite_sha256"],
+        root=root,
+        tasks=identity["tasks"],
+        precision=precision,
+        tokenizer_sha256=identity["tokenizer_sha256"],
+    )
+    output = output or default_output(eval_suite)
+
+    previous = None if force else find_previous(output, key)
+    if previous is not None:
+        logger.info(
+            "%s already holds this evaluation (run %s, MLflow run %s): nothing recomputed",
+            output,
+            key[:12],
+            previous.mlflow_run_id,
+        )
+        publish_table(previous.metrics, eval_suite.name, checkpoint)
+        return previous
+
+    params = {**identity, "model_id": clip.model_id, "model": clip.model.config.name}
+    with stage_run("evaluate", params={**params, "output": output}) as run:
+        results = run_evaluation(
+            clip,
+            eval_suite,
+            precision=precision,
+            device=device,
+            batch_size=batch_size,
+            num_workers=num_workers,
+        )
+        metrics = metrics_of(results)
+        header = {**params, "key": key, "mlflow_run_id": run.info.run_id}
+        results_json, plots = write_results(results, str(Path(output) / key[:12]), header)
+        mlflow.log_metrics(mlflow_metrics(metrics))
+        mlflow.log_artifact(results_json)
+        for plot in plots:
+            mlflow.log_artifact(plot, artifact_path="plots")
+        mlflow.set_tags({"eval.suite": eval_suite.name, "eval.key": key})
+    result = EvaluateResult(
+        metrics=metrics,
+        results_json=results_json,
+        output=output,
+        plots=plots,
+        mlflow_run_id=run.info.run_id,
+        key=key,
+        checkpoint=checkpoint,
+        suite=suite,
+        model_id=clip.model_id,
+    )
+    record_result(result)
+    publish_table(metrics, eval_suite.name, checkpoint)
+    logger.info("evaluated %s on %s: results in %s", checkpoint, eval_suite.name, results_json)
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m flows.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="model weights (ours, OpenAI, OpenCLIP)")
+    p.add_argument("--suite", required=True, help="eval suite YAML (configs/eval/*.yaml)")
+    p.add_argument("--root", help='replaces "{root}" in the suite\'s paths (e.g. the sample dir)')
+    p.add_argument("--output", help="results folder (default: data/eval/<suite name>)")
+    p.add_argument(
+        "--tasks",
+        type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
+        help="comma-separated task names (default: every task of the suite)",
+    )
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--tokenizer", help="tokenizer file (default: the checkpoint's, or OpenAI's)")
+    p.add_argument("--force", action="store_true", help="recompute even if already evaluated")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0, ...")
+    p.add_argument("--workers", dest="num_workers", type=int, default=0, help="image loaders")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = evaluate(**vars(args))
+    word = "already evaluated" if result.skipped else "evaluated"
+    print(f"\n{result.checkpoint}: {word} on {result.suite}")
+    print(format_results_table(result.metrics))
+    print(f"results: {result.results_json}; MLflow run {result.mlflow_run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

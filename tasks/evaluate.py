@@ -1,0 +1,372 @@
+"""Tasks of the `evaluate` flow: load a CLIP and a suite, run it, write results and plots.
+
+    load_model          a checkpoint (ours, OpenAI's, OpenCLIP's) and its tokenizer
+    load_eval_suite     the suite YAML, cut to the asked tasks, every dataset checked up front
+    find_previous       the result of an earlier run with the same inputs, if OUTPUT holds one
+    run_evaluation      every task of the suite (clip_model.evaluate.run_suite), with progress
+    write_results       OUTPUT/<key>/results.json, a confusion matrix PNG per classification task
+                        and a PNG grid of retrieval examples per retrieval task
+    record_result       OUTPUT/results.json: every run's metrics, keyed by its inputs
+    publish_table       the metrics as a Prefect table artifact (task, metric, value)
+
+A run is keyed by the sha256 of the checkpoint file, of the suite file and of the tokenizer file,
+the root, the tasks and the precision: the same key finds the earlier result in
+OUTPUT/results.json instead of recomputing it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+from pydantic import BaseModel
+from tqdm import tqdm
+
+from clip_model.checkpoint import CheckpointError
+from clip_model.eval_callback import loggable_metrics, quick_suite
+from clip_model.eval_data import (
+    read_classification,
+    read_classnames,
+    read_retrieval,
+    read_templates,
+)
+from clip_model.eval_suite import EvalSuite, EvalTask, load_suite
+from clip_model.evaluate import (
+    TaskResult,
+    plot_confusion_matrix,
+    plot_retrieval_examples,
+    run_suite,
+)
+from storage.fs import atomic_write_bytes, sha256_file
+from tasks.search import LoadedClip, load_clip
+
+__all__ = [
+    "EvaluateResult",
+    "INDEX_NAME",
+    "default_output",
+    "evaluation_key",
+    "find_previous",
+    "format_results_table",
+    "load_eval_suite",
+    "load_model",
+    "metrics_of",
+    "mlflow_metrics",
+    "publish_table",
+    "record_result",
+    "run_evaluation",
+    "write_results",
+]
+
+INDEX_NAME = "results.json"  # OUTPUT/results.json: every run's metrics, keyed by its inputs
+INDEX_FORMAT = "clip-eval-results/1"
+
+
+class EvaluateResult(BaseModel):
+    """What an evaluation produced; `metrics[task][metric]`, e.g. metrics["digits"]["acc1"]."""
+
+    metrics: dict[str, dict[str, float]]
+    results_json: str  # this run's full results: OUTPUT/<key[:12]>/results.json
+    output: str
+    plots: list[str] = []
+    mlflow_run_id: str | None = None
+    skipped: bool = False  # True: an earlier run's result, nothing recomputed
+    key: str
+    checkpoint: str
+    suite: str
+    model_id: str = ""
+
+
+# ---- inputs -------------------------------------------------------------------------------
+
+
+@task(name="load-model", cache_policy=NONE)
+def load_model(checkpoint: str, tokenizer: str | None = None) -> LoadedClip:
+    """The CLIP in `checkpoint` with its tokenizer; CheckpointError naming the file if it is not
+    a CLIP checkpoint (this project's step-N.ckpt or export, OpenAI's or OpenCLIP's weights)."""
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    try:
+        return load_clip(checkpoint, tokenizer=tokenizer)
+    except FileNotFoundError:
+        raise  # a missing tokenizer: the message names the folders searched
+    except ValueError as error:
+        if not isinstance(error, CheckpointError):
+            raise  # e.g. a tokenizer with more ids than the model: the message says so
+        reason = str(error)
+    except Exception as error:  # noqa: BLE001 - any unreadable file: name it and say why
+        reason = f"{type(error).__name__}: {error}"
+    raise CheckpointError(
+        f"{checkpoint}: not a CLIP checkpoint ({reason}). Expected a training run's step-N.ckpt, "
+        'an exported {"state_dict", "model_config"} file, or OpenAI/OpenCLIP CLIP weights'
+    ) from None
+
+
+def _check_task_data(task: EvalTask) -> int:
+    """Read a task's dataset listing (not its images): an EvalDataError naming the file at
+    fault now rather than after the tasks before it were computed. Returns the image count."""
+    if task.type == "retrieval":
+        return len(read_retrieval(task.dataset, format=task.format, split=task.split).images)
+    classnames = task.classnames
+    if task.classnames_file is not None:
+        classnames = read_classnames(Path(task.classnames_file))
+    templates = task.templates
+    if task.templates_file is not None:
+        templates = read_templates(Path(task.templates_file))
+    splits = [task.split] + ([task.train_split] if task.train_split else [])
+    return sum(
+        len(
+            read_classification(
+                task.dataset,
+                format=task.format,
+                split=split,
+                classnames=classnames,
+                templates=templates,
+            ).images
+        )
+        for split in splits
+    )
+
+
+@task(name="load-eval-suite", cache_policy=NONE)
+def load_eval_suite(
+    suite: str, root: str | None = None, tasks: Sequence[str] | None = None
+) -> EvalSuite:
+    """The suite YAML with "{root}" resolved, cut to `tasks`, every dataset's files checked."""
+    logger = get_run_logger()
+    loaded = quick_suite(load_suite(suite, root=root), tasks=tasks)
+    for t in loaded.tasks:
+        n = _check_task_data(t)
+        limit = f" (first {t.max_images} used)" if t.max_images and t.max_images < n else ""
+        logger.info("task %s: %s, %d images in %s%s", t.name, t.type, n, t.dataset, limit)
+    return loaded
+
+
+def evaluation_key(
+    *,
+    checkpoint_sha256: str,
+    suite_sha256: str,
+    root: str | None,
+    tasks: Sequence[str],
+    precision: str,
+    tokenizer_sha256: str | None,
+) -> str:
+    """sha256 of everything that decides the metrics (not batch size, device or workers)."""
+    fields = {
+        "checkpoint_sha256": checkpoint_sha256,
+        "suite_sha256": suite_sha256,
+        "root": None if root is None else str(Path(root).expanduser().absolute()),
+        "tasks": sorted(tasks),
+        "precision": precision,
+        "tokenizer_sha256": tokenizer_sha256,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def file_sha256(path: str | Path | None) -> str | None:
+    return None if path is None else sha256_file(str(path))[0]
+
+
+def default_output(suite: EvalSuite) -> str:
+    return f"data/eval/{suite.name}"
+
+
+# ---- the results index --------------------------------------------------------------------
+
+
+def _read_index(output: str) -> dict[str, Any]:
+    path = Path(output) / INDEX_NAME
+    if not path.is_file():
+        return {"format": INDEX_FORMAT, "runs": {}}
+    try:
+        index = json.loads(path.read_text("utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON ({error}); move it away to start afresh") from None
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{path}: not an evaluation results index ({INDEX_FORMAT})")
+    return index
+
+
+@task(name="find-previous-evaluation", cache_policy=NONE)
+def find_previous(output: str, key: str) -> EvaluateResult | None:
+    """The earlier result with this key in OUTPUT/results.json, if its files are still there."""
+    entry = _read_index(output)["runs"].get(key)
+    if entry is None:
+        return None
+    result = EvaluateResult.model_validate(
+        {
+            **entry,
+            "output": output,
+            "results_json": str(Path(output) / entry["results_json"]),
+            "plots": [str(Path(output) / p) for p in entry.get("plots", [])],
+            "skipped": True,
+        }
+    )
+    if not all(Path(p).is_file() for p in [result.results_json, *result.plots]):
+        get_run_logger().warning("%s: files of run %s are missing; recomputing", output, key[:12])
+        return None
+    return result
+
+
+@task(name="record-evaluation", cache_policy=NONE)
+def record_result(result: EvaluateResult) -> str:
+    """Add `result` to OUTPUT/results.json under its key (paths relative to OUTPUT)."""
+    output = Path(result.output)
+    index = _read_index(result.output)
+    entry = result.model_dump(exclude={"output", "skipped"})
+    entry["results_json"] = str(Path(result.results_json).relative_to(output))
+    entry["plots"] = [str(Path(p).relative_to(output)) for p in result.plots]
+    entry["recorded"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    index["runs"][result.key] = entry
+    path = output / INDEX_NAME
+    atomic_write_bytes(str(path), json.dumps(index, indent=2).encode())
+    return str(path)
+
+
+# ---- the work -----------------------------------------------------------------------------
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@task(name="run-evaluation", cache_policy=NONE)
+def run_evaluation(
+    clip: LoadedClip,
+    suite: EvalSuite,
+    *,
+    precision: str = "fp32",
+    device: str = "auto",
+    batch_size: int = 128,
+    num_workers: int = 0,
+) -> dict[str, TaskResult]:
+    """Every task of `suite`, one after the other, each logged with its time and metrics."""
+    logger = get_run_logger()
+    device = _device(device)
+    model = clip.model.to(device)
+    results: dict[str, TaskResult] = {}
+    with tqdm(suite.tasks, desc=f"evaluate {suite.name}", unit="task") as bar:
+        for t in bar:
+            bar.set_postfix_str(t.name)
+            started = time.perf_counter()
+            results.update(
+                run_suite(
+                    model,
+                    clip.tokenizer,
+                    suite,
+                    image_size=clip.image_size,
+                    device=device,
+                    batch_size=batch_size,
+                    num_workers=num_workers,
+                    precision=precision,
+                    tasks=[t.name],
+                )
+            )
+            seconds = time.perf_counter() - started
+            r = results[t.name]
+            logger.info(
+                "%s (%s): %d images in %.1f s (%.0f images/s): %s",
+                t.name,
+                t.type,
+                r.num_images,
+                seconds,
+                r.num_images / max(seconds, 1e-9),
+                ", ".join(f"{k}={v:.4f}" for k, v in r.metrics.items()),
+            )
+    return results
+
+
+def metrics_of(results: dict[str, TaskResult]) -> dict[str, dict[str, float]]:
+    return {name: {k: float(v) for k, v in r.metrics.items()} for name, r in results.items()}
+
+
+def mlflow_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """`{"<task>/<metric>": value}` as MLflow accepts them: `digits/acc1`,
+    `retrieval/image_retrieval_recall_at_1` (MLflow refuses "@" in a metric name)."""
+    flat = {
+        f"{name}/{metric}": v for name, values in metrics.items() for metric, v in values.items()
+    }
+    return loggable_metrics(flat)
+
+
+def _file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+@task(name="write-evaluation-results", cache_policy=NONE)
+def write_results(
+    results: dict[str, TaskResult], run_dir: str, header: dict[str, Any]
+) -> tuple[str, list[str]]:
+    """RUN_DIR/results.json (header + every task's full result) and the plots; their paths."""
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = []
+    for name, r in results.items():
+        if r.confusion is not None and r.classnames:
+            title = f"{name}: zero-shot acc1 {r.metrics.get('acc1', float('nan')):.3f}"
+            path = out / f"confusion_{_file_name(name)}.png"
+            plots.append(str(plot_confusion_matrix(r.confusion, r.classnames, path, title=title)))
+        if r.examples:
+            recall = r.metrics.get("text_retrieval_recall@5", float("nan"))
+            title = f"{name}: top-5 captions per image (text_retrieval_recall@5 {recall:.3f})"
+            path = out / f"retrieval_{_file_name(name)}.png"
+            plots.append(str(plot_retrieval_examples(r.examples, path, title=title)))
+    document = {**header, "tasks": {name: r.to_dict() for name, r in results.items()}}
+    results_json = out / "results.json"
+    atomic_write_bytes(str(results_json), json.dumps(document, indent=2).encode())
+    return str(results_json), plots
+
+
+# ---- reporting ----------------------------------------------------------------------------
+
+
+def table_rows(metrics: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """One row per (task, metric), in the suite's order."""
+    return [
+        {"task": name, "metric": metric, "value": round(float(value), 6)}
+        for name, values in metrics.items()
+        for metric, value in values.items()
+    ]
+
+
+@task(name="publish-evaluation-table", cache_policy=NONE)
+def publish_table(metrics: dict[str, dict[str, float]], suite: str, checkpoint: str) -> None:
+    """The metrics as a Prefect table artifact: task, metric, value."""
+    from prefect.artifacts import create_table_artifact
+
+    key = re.sub(r"[^a-z0-9-]+", "-", f"evaluate-{suite}".lower()).strip("-")
+    create_table_artifact(
+        key=key, table=table_rows(metrics), description=f"Suite {suite} on {checkpoint}"
+    )
+
+
+def _format_value(value: float) -> str:
+    # accuracies and recalls with 4 decimals; anything else (a probe's C) as it is
+    return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) <= 1 else f"{value:g}"
+
+
+def format_results_table(metrics: dict[str, dict[str, float]]) -> str:
+    """The metrics as a plain-text table: task, metric, value (one row per metric)."""
+    rows = [(r["task"], r["metric"], _format_value(r["value"])) for r in table_rows(metrics)]
+    if not rows:
+        return "(no metrics)"
+    header = ("task", "metric", "value")
+    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(3)]
+    lines = [f"{header[0]:<{widths[0]}}  {header[1]:<{widths[1]}}  {header[2]:>{widths[2]}}"]
+    lines.append("  ".join("-" * w for w in widths))
+    previous = None
+    for name, metric, value in rows:
+        shown = name if name != previous else ""
+        previous = name
+        lines.append(f"{shown:<{widths[0]}}  {metric:<{widths[1]}}  {value:>{widths[2]}}")
+    return "\n".join(lines)
