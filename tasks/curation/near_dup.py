@@ -1,0 +1,303 @@
+"""Near-duplicate images by 64-bit perceptual hash (pHash), without comparing every pair.
+
+Two images are near-duplicates when the Hamming distance of their pHashes (imagehash.phash: DCT of
+a 32x32 grey thumbnail, 8x8 lowest frequencies against their median) is <= a threshold. Re-encoding,
+resizing or a light colour change moves a pHash by a few bits; different pictures sit near 32.
+
+Search is multi-index hashing (Norouzi et al., "Fast Search in Hamming Space with Multi-Index
+Hashing", CVPR 2012): split the 64 bits into m chunks; two hashes within distance t agree to within
+floor(t/m) bits on at least one chunk (pigeonhole), so each query probes every chunk value within
+that radius in a sorted per-chunk table instead of scanning the whole set. m is picked per call
+from the table size and t. Candidates are then checked exactly with numpy's popcount on uint64.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import imagehash
+import numpy as np
+from PIL import Image
+
+from storage.fs import filesystem, join
+
+__all__ = [
+    "EVAL_IMAGE_EXTENSIONS",
+    "EvalSet",
+    "HashIndex",
+    "greedy_dedup",
+    "hamming",
+    "load_eval_sets",
+    "phash64",
+]
+
+EVAL_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+_MAX_PROBES = 4096
+_DIRECT_BITS = 24  # chunks this narrow get a dense bucket table (2**24 int64 = 128 MiB at most)  # chunk values probed per query and chunk; bounds the plan's radius
+
+
+def phash64(image: Image.Image) -> int:
+    """The 64-bit pHash of an image as an unsigned integer (bit 63 = imagehash's first bit)."""
+    bits = imagehash.phash(image, hash_size=8).hash.reshape(-1)
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+THUMB = 4  # side of the RGB thumbnail that confirms a pHash match (pHash is colour-blind)
+THUMB_BYTES = THUMB * THUMB * 3
+
+
+def thumbnail(image: Image.Image) -> np.ndarray:
+    """A 4x4 RGB area-average thumbnail, flattened (48 uint8): the image's coarse colours."""
+    small = image.convert("RGB").resize((THUMB, THUMB), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.uint8).reshape(-1)
+
+
+def thumb_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mean absolute difference (0-255) of rows of two thumbnail arrays [N, 48]."""
+    return np.abs(a.astype(np.int16) - b.astype(np.int16)).mean(axis=-1)
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise Hamming distance of uint64 hashes."""
+    return np.bitwise_count(np.bitwise_xor(a, b)).astype(np.int64)
+
+
+def _chunk_layout(m: int) -> list[tuple[int, int]]:
+    """(bit offset, width) of m near-equal chunks covering 64 bits."""
+    widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
+    offsets = [sum(widths[:i]) for i in range(m)]
+    return list(zip(offsets, widths, strict=True))
+
+
+def _n_probes(width: int, radius: int) -> int:
+    return sum(math.comb(width, k) for k in range(radius + 1))
+
+
+def _probe_masks(width: int, radius: int) -> np.ndarray:
+    """Every `width`-bit XOR mask with at most `radius` bits set."""
+    masks = [0]
+    for k in range(1, radius + 1):
+        masks += [sum(1 << b for b in bits) for bits in itertools.combinations(range(width), k)]
+    return np.asarray(masks, dtype=np.uint64)
+
+
+def _plan(n_db: int, threshold: int) -> int:
+    """The chunk count m with the lowest expected probes + candidates per query."""
+    best, best_cost = threshold + 1, math.inf
+    for m in range(1, min(threshold + 1, 64) + 1):
+        layout = _chunk_layout(m)
+        w_max, w_min = layout[0][1], layout[-1][1]
+        probes = _n_probes(w_max, threshold // m)
+        if probes > _MAX_PROBES or w_max > 62:
+            continue
+        cost = m * probes * (1.0 + n_db / 2.0**w_min)
+        if cost < best_cost:
+            best, best_cost = m, cost
+    return best
+
+
+Verify = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+class HashIndex:
+    """A multi-index over uint64 hashes: `search(queries)` finds every pair within `threshold`."""
+
+    def __init__(self, hashes: np.ndarray, threshold: int):
+        self.hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+        self.threshold = int(threshold)
+        self.m = _plan(len(self.hashes), self.threshold)
+        self.radius = self.threshold // self.m
+        self._tables = []
+        for offset, width in _chunk_layout(self.m):
+            keys = (self.hashes >> np.uint64(offset)) & np.uint64((1 << width) - 1)
+            order = np.argsort(keys, kind="stable")
+            if width <= _DIRECT_BITS:  # bucket starts by direct lookup: one gather per probe
+                starts = np.zeros((1 << width) + 1, np.int64)
+                np.cumsum(np.bincount(keys.astype(np.int64), minlength=1 << width), out=starts[1:])
+                lookup = starts
+            else:
+                lookup = keys[order]
+            masks = _probe_masks(width, self.radius)
+            self._tables.append((offset, width, lookup, order, masks))
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def search(
+        self, queries: np.ndarray, verify: Verify | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(query index, database index, distance) of every pair within the threshold, unique.
+
+        `verify(query_idx, db_idx) -> mask` can veto candidate pairs (e.g. colours too different).
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.uint64)
+        found_q, found_d = [], []
+        if len(queries) == 0 or len(self.hashes) == 0:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, empty
+        for offset, width, lookup, order, masks in self._tables:
+            batch = max(1, (1 << 21) // len(masks))
+            chunk_mask = np.uint64((1 << width) - 1)
+            for start in range(0, len(queries), batch):
+                q = queries[start : start + batch]
+                probes = (((q >> np.uint64(offset)) & chunk_mask)[:, None] ^ masks[None, :]).ravel()
+                if width <= _DIRECT_BITS:
+                    p = probes.astype(np.int64)
+                    lo, hi = lookup[p], lookup[p + 1]
+                else:
+                    lo = np.searchsorted(lookup, probes, side="left")
+                    hi = np.searchsorted(lookup, probes, side="right")
+                counts = hi - lo
+                total = int(counts.sum())
+                if total == 0:
+                    continue
+                q_idx = np.repeat(np.arange(len(probes)) // len(masks), counts) + start
+                first = np.repeat(lo - (np.cumsum(counts) - counts), counts)
+                d_idx = order[first + np.arange(total)]
+                close = hamming(queries[q_idx], self.hashes[d_idx]) <= self.threshold
+                if verify is not None:
+                    close[close] = verify(q_idx[close], d_idx[close])
+                found_q.append(q_idx[close])
+                found_d.append(d_idx[close])
+        if not found_q:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, empty
+        pair = np.unique(np.concatenate(found_q) * len(self.hashes) + np.concatenate(found_d))
+        q_idx, d_idx = pair // len(self.hashes), pair % len(self.hashes)
+        return q_idx, d_idx, hamming(queries[q_idx], self.hashes[d_idx])
+
+    def nearest(
+        self, queries: np.ndarray, verify: Verify | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per query: the closest database index within the threshold (-1: none) and distance."""
+        q_idx, d_idx, dist = self.search(queries, verify)
+        best = np.full(len(queries), -1, np.int64)
+        best_dist = np.full(len(queries), -1, np.int64)
+        order = np.lexsort((d_idx, -dist, q_idx))  # per query, the smallest distance wins (last)
+        best[q_idx[order]] = d_idx[order]
+        best_dist[q_idx[order]] = dist[order]
+        return best, best_dist
+
+
+def greedy_dedup(
+    hashes: np.ndarray,
+    threshold: int,
+    thumbs: np.ndarray | None = None,
+    max_thumb_difference: float = 255.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scan hashes in order; drop one within `threshold` of an earlier KEPT one (and, given
+    thumbnails, whose thumbnail differs by at most `max_thumb_difference`).
+
+    Returns (kept mask, index of the kept hash each dropped one matched (-1 if kept), distance).
+    Identical (hash, thumbnail) pairs are collapsed first: a million blank images cost one probe.
+    """
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    n = len(hashes)
+    kept = np.ones(n, bool)
+    match = np.full(n, -1, np.int64)
+    dist = np.full(n, -1, np.int64)
+    if n == 0:
+        return kept, match, dist
+    if thumbs is None:
+        thumbs = np.zeros((n, 0), np.uint8)
+    identity = np.concatenate([hashes.astype(">u8").view(np.uint8).reshape(n, 8), thumbs], axis=1)
+    identity = np.ascontiguousarray(identity).view(np.dtype((np.void, identity.shape[1])))[:, 0]
+    _, first, inverse = np.unique(identity, return_index=True, return_inverse=True)
+    # number the distinct hashes by first occurrence so "earlier" is comparable between them
+    by_first = np.argsort(first, kind="stable")
+    rank = np.empty_like(by_first)
+    rank[by_first] = np.arange(len(by_first))
+    u_first = first[by_first]
+    u_hashes, u_thumbs = hashes[u_first], thumbs[u_first]
+    u_of_sample = rank[inverse]
+    u_kept = np.ones(len(u_hashes), bool)
+    u_match = np.full(len(u_hashes), -1, np.int64)  # matched distinct hash (by rank)
+    u_dist = np.zeros(len(u_hashes), np.int64)
+    if len(u_hashes) > 1:
+
+        def similar(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+            if u_thumbs.shape[1] == 0:
+                return np.ones(len(q), bool)
+            return thumb_difference(u_thumbs[q], u_thumbs[d]) <= max_thumb_difference
+
+        q, d, dd = HashIndex(u_hashes, threshold).search(u_hashes, similar)
+        earlier = d < q
+        q, d, dd = q[earlier], d[earlier], dd[earlier]
+        order = np.lexsort((d, q))
+        for qi, di, ddi in zip(
+            q[order].tolist(), d[order].tolist(), dd[order].tolist(), strict=True
+        ):
+            if u_kept[qi] and u_kept[di]:
+                u_kept[qi], u_match[qi], u_dist[qi] = False, di, ddi
+    # a distinct hash's first sample shares its fate; later copies match the first (distance 0)
+    # unless the whole group was dropped, in which case they match what the group matched
+    rep = u_first[u_of_sample]
+    is_first = rep == np.arange(n)
+    group_kept = u_kept[u_of_sample]
+    kept = is_first & group_kept
+    copy = ~is_first & group_kept
+    match[copy], dist[copy] = rep[copy], 0
+    gone = ~group_kept
+    match[gone] = u_first[u_match[u_of_sample[gone]]]
+    dist[gone] = u_dist[u_of_sample[gone]]
+    return kept, match, dist
+
+
+@dataclass
+class EvalSet:
+    """The pHashes of every image under some evaluation folders (name: `folder/relative/path`)."""
+
+    hashes: np.ndarray
+    thumbs: np.ndarray
+    names: list[str]
+    unreadable: list[str]
+
+
+def _list_images(url: str) -> list[str]:
+    fs, root = filesystem(url)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"{url}: evaluation folder not found")
+    paths = [p for p in fs.find(root) if p.lower().endswith(EVAL_IMAGE_EXTENSIONS)]
+    return sorted(p[len(root.rstrip("/")) + 1 :] for p in paths)
+
+
+def load_eval_sets(dirs: Iterable[str]) -> EvalSet:
+    """Hash every image under each folder (recursively); unreadable files are listed, not fatal."""
+    hashes, thumbs, names, unreadable = [], [], [], []
+    for url in dirs:
+        fs, _ = filesystem(url)
+        for rel in _list_images(url):
+            path = join(url, rel)
+            try:
+                with (
+                    fs.open(filesystem(path)[1], "rb") as f,
+                    Image.open(io.BytesIO(f.read())) as im,
+                ):
+                    hashes.append(phash64(im))
+                    thumbs.append(thumbnail(im))
+            except (OSError, ValueError, Image.DecompressionBombError):
+                unreadable.append(path)
+                continue
+            names.append(path)
+    thumbs = np.stack(thumbs) if thumbs else np.zeros((0, THUMB_BYTES), np.uint8)
+    return EvalSet(np.asarray(hashes, dtype=np.uint64), thumbs, names, unreadable)
+
+
+def eval_sets_digest(dirs: Iterable[str]) -> list[dict]:
+    """What the decontamination ran against: per folder, its image count and a content digest."""
+    import hashlib
+
+    out = []
+    for url in dirs:
+        fs, _ = filesystem(url)
+        h = hashlib.sha256()
+        rels = _list_images(url)
+        for rel in rels:
+            with fs.open(filesystem(join(url, rel))[1], "rb") as f:
+                h.update(rel.encode() + b"\0" + hashlib.sha256(f.read()).digest())
+        out.append({"dir": str(url), "images": len(rels), "digest": "sha256:" + h.hexdigest()})
+    return out
