@@ -20,10 +20,10 @@ $(VENV): pyproject.toml
 	$(PY) -m pip uninstall --yes --quiet dataclasses || true
 	touch $(VENV)
 
-## make sample: the whole pipeline on the tiny sample web (crawl -> ...), nothing to start by hand.
+## make sample: the whole pipeline on the tiny sample web (sample web -> crawl -> curate -> train
+## -> evaluate), ephemeral Prefect, SQLite MLflow; ends with the zero-shot table.
 sample: $(VENV)
-	$(PY) -m flows.sample --out $(DATA)/sample_web
-	$(PY) -m flows.ingest_sample --sample $(DATA)/sample_web --output $(DATA)/crawl
+	$(PY) -m flows.pipeline --profile tiny --set data_root=$(DATA)
 
 ## make test: lint, then the whole test suite.
 test: $(VENV) lint
