@@ -1,0 +1,229 @@
+"""Load the CLIP checkpoints people already have; export ours under the same names.
+
+Accepted: OpenAI's releases (an fp16 state dict, or the TorchScript archive `clip.load` reads),
+OpenCLIP's training checkpoints (`{"epoch", "state_dict", "optimizer", ...}` with `module.`
+keys from DDP and `_orig_mod.` keys from torch.compile), plain state dicts, and our own files
+`{"state_dict": ..., "model_config": {...}}`. Without a config the architecture is inferred from
+tensor shapes exactly as OpenAI's `build_model` does; what shapes cannot tell (attention heads:
+OpenAI's convention is 64 per head; the activation: OpenAI trained with QuickGELU) comes from
+`config=` or keyword overrides.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clip_model.config import OPENAI_VOCAB_SIZE, ModelConfig
+from clip_model.model import CLIP
+
+# entries OpenAI's TorchScript models carry besides parameters (`build_model` drops them too)
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+class CheckpointError(ValueError):
+    """A file or state dict that is not a CLIP checkpoint this library can load."""
+
+
+def from_state_dict(
+    sd_or_path: dict[str, Any] | str | os.PathLike,
+    config: ModelConfig | str | dict | None = None,
+    **overrides: Any,
+) -> CLIP:
+    """A CLIP model in fp32 (eval mode) holding the weights of a state dict or checkpoint file.
+
+    `config` (a ModelConfig, preset name, YAML path or dict) skips shape inference; `overrides`
+    replace inferred fields, e.g. `from_state_dict(path, activation="gelu")` for OpenCLIP models
+    trained with GELU.
+    """
+    source = str(sd_or_path) if isinstance(sd_or_path, str | os.PathLike) else "state dict"
+    obj = _read(Path(sd_or_path)) if isinstance(sd_or_path, str | os.PathLike) else sd_or_path
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
+    if config is None and isinstance(obj.get("model_config"), dict | ModelConfig):
+        config = obj["model_config"]
+    state_dict = _clean(obj, source)
+
+    if config is None:
+        config = infer_config(state_dict, source=source)
+    else:
+        config = ModelConfig.load(config)
+    if overrides:
+        config = ModelConfig(**{**config.model_dump(), **overrides})
+
+    model = CLIP(config)
+    _check_fits(model, state_dict, source)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
+    return model.float().eval()
+
+
+def to_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """OpenAI/OpenCLIP-named tensors on the CPU, unwrapped from DDP and torch.compile."""
+    model = _unwrap(model)
+    if not isinstance(model, CLIP):
+        raise TypeError(f"expected a clip_model CLIP (or a DDP/compiled one), got {type(model)}")
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], source: str = "state dict") -> ModelConfig:
+    """The architecture a state dict holds, read off its tensor shapes (OpenAI's build_model)."""
+    sd = state_dict
+
+    def need(*keys: str) -> None:
+        missing = [k for k in keys if k not in sd]
+        if missing:
+            some = ", ".join(sorted(sd)[:8]) + (", ..." if len(sd) > 8 else "")
+            raise CheckpointError(
+                f"{source}: cannot infer a CLIP architecture: missing {', '.join(missing)} "
+                f"(expected OpenAI/OpenCLIP CLIP parameter names; found {some})"
+            )
+
+    need("visual.conv1.weight", "text_projection", "positional_embedding")
+    need("token_embedding.weight", "ln_final.weight")
+    vit = "visual.proj" in sd
+    if vit:
+        need("visual.positional_embedding")
+        vision_width = sd["visual.conv1.weight"].shape[0]
+        vision_layers: int | tuple[int, ...] = len(
+            [k for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")]
+        )
+        patch_size = sd["visual.conv1.weight"].shape[-1]
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        image_size = patch_size * grid
+        vision_mlp = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    else:
+        need("visual.layer1.0.conv1.weight", "visual.attnpool.positional_embedding")
+        vision_layers = tuple(
+            len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{stage}.")})
+            for stage in (1, 2, 3, 4)
+        )
+        vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
+        output_width = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        patch_size, image_size, vision_mlp = None, output_width * 32, None
+
+    text_width = sd["ln_final.weight"].shape[0]
+    text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+    text_mlp = "transformer.resblocks.0.mlp.c_fc.weight"
+    mlp_ratio = sd[text_mlp].shape[0] / text_width if text_mlp in sd else 4.0
+    if vision_mlp in sd and sd[vision_mlp].shape[0] / vision_width != mlp_ratio:
+        raise CheckpointError(f"{source}: vision and text MLP ratios differ; not supported")
+    vocab_size = sd["token_embedding.weight"].shape[0]
+    try:
+        return ModelConfig(
+            name=Path(source).stem if source != "state dict" else "inferred",
+            embed_dim=sd["text_projection"].shape[1],
+            image_size=image_size,
+            vision_layers=vision_layers,
+            vision_width=vision_width,
+            vision_patch_size=patch_size,
+            vision_head_width=64,
+            context_length=sd["positional_embedding"].shape[0],
+            vocab_size=vocab_size,
+            text_width=text_width,
+            text_heads=max(1, text_width // 64),
+            text_layers=text_layers,
+            mlp_ratio=mlp_ratio,
+            activation="quick_gelu",
+            tokenizer="openai" if vocab_size == OPENAI_VOCAB_SIZE else "bpe",
+        )
+    except ValueError as error:
+        raise CheckpointError(
+            f"{source}: the inferred architecture is inconsistent ({error}); pass config="
+        ) from None
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def _read(path: Path) -> Any:
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise CheckpointError(f"{path}: reading .safetensors needs `safetensors`") from None
+
+        return load_file(str(path))
+    if _is_torchscript(path):  # OpenAI's released .pt files are TorchScript archives
+        with warnings.catch_warnings():  # torch.jit is deprecated, but it is how they ship
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - name the file and why it was refused
+        raise CheckpointError(
+            f"{path}: not loadable as a weights-only torch checkpoint ({error})"
+        ) from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def _clean(obj: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
+    """Unwrap `state_dict`, strip `module.`/`_orig_mod.` and any prefix before the model."""
+    if isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    cleaned = {}
+    for key, value in obj.items():
+        while key.startswith("module."):
+            key = key[len("module.") :]
+        key = key.replace("_orig_mod.", "")
+        cleaned[key] = value
+    # a wrapper module (e.g. a LightningModule's `model.`) prefixes every key: drop it
+    anchor = [k for k in cleaned if k.endswith("token_embedding.weight")]
+    if len(anchor) == 1 and anchor[0] != "token_embedding.weight":
+        prefix = anchor[0][: -len("token_embedding.weight")]
+        cleaned = {k[len(prefix) :]: v for k, v in cleaned.items() if k.startswith(prefix)}
+    for key in _OPENAI_EXTRA_KEYS:
+        cleaned.pop(key, None)
+    bad = [k for k, v in cleaned.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{source}: non-tensor entries {bad[:5]} in the state dict")
+    return cleaned
+
+
+def _check_fits(model: CLIP, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {list(v.shape)} vs model {list(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mismatched", mismatched),
+        ):
+            if items:
+                more = f" (+{len(items) - 10} more)" if len(items) > 10 else ""
+                parts.append(f"{label} keys: {', '.join(items[:10])}{more}")
+        raise CheckpointError(
+            f"{source} does not fit the CLIP architecture {model.config.name!r}: "
+            + "; ".join(parts)
+        )
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        else:
+            return model

@@ -1,0 +1,132 @@
+"""ClipLoss: the symmetric InfoNCE of the paper, and its exact distributed form on 2 CPU ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from clip_model import create_model
+from clip_model.loss import ClipLoss
+
+WORLD_SIZE, LOCAL_BATCH = 2, 4
+MODEL = dict(  # a small ViT: no BatchNorm, so splitting the batch changes nothing but the loss
+    name="loss-test",
+    embed_dim=16,
+    image_size=16,
+    vision_layers=1,
+    vision_width=32,
+    vision_patch_size=8,
+    vision_head_width=16,
+    context_length=8,
+    vocab_size=50,
+    text_width=32,
+    text_heads=2,
+    text_layers=1,
+    tokenizer="bpe",
+)
+
+
+def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    n = WORLD_SIZE * LOCAL_BATCH
+    images = torch.randn(n, 3, 16, 16, generator=g)
+    text = torch.randint(1, 48, (n, 8), generator=g)
+    text[:, 5] = 49  # [EOS], the highest id
+    return images, text
+
+
+def fresh_model():
+    torch.manual_seed(0)
+    return create_model(MODEL)
+
+
+def test_loss_is_the_symmetric_cross_entropy_of_scaled_cosine_similarities():
+    g = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    texts = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    scale = torch.tensor(14.0)
+    logits = scale * images @ texts.T
+    labels = torch.arange(5)
+    expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    torch.testing.assert_close(ClipLoss()(images, texts, scale), expected)
+    # matched pairs scored far above the rest: the loss vanishes
+    assert ClipLoss()(images, images, torch.tensor(100.0)).item() < 1e-3
+
+
+def test_labels_are_cached_per_device_and_batch_size():
+    loss = ClipLoss()
+    first = loss.labels(4, torch.device("cpu"), rank=0, world_size=1)
+    assert loss.labels(4, torch.device("cpu"), rank=0, world_size=1) is first
+    assert loss.labels(6, torch.device("cpu"), rank=0, world_size=1).tolist() == list(range(6))
+    local = ClipLoss(local_loss=True)
+    assert local.labels(4, torch.device("cpu"), rank=1, world_size=2).tolist() == [4, 5, 6, 7]
+
+
+def test_mismatched_feature_shapes_are_refused():
+    with pytest.raises(ValueError, match=r"image_features \[3, 8\] and text_features \[4, 8\]"):
+        ClipLoss()(torch.zeros(3, 8), torch.zeros(4, 8), torch.tensor(1.0))
+
+
+def _rank_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    try:
+        images, text = global_batch()
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        results = {}
+        for local_loss in (False, True):
+            model = DistributedDataParallel(fresh_model())
+            loss = ClipLoss(local_loss=local_loss, gather_with_grad=True)(
+                *model(images[rows], text[rows])
+            )
+            loss.backward()  # DDP averages the gradients over the ranks
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            results[local_loss] = {
+                "loss": loss.detach(),
+                "mean_loss": mean_loss / WORLD_SIZE,
+                "grads": {n: p.grad.clone() for n, p in model.module.named_parameters()},
+            }
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_rank_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize("local_loss", [False, True], ids=["global-loss", "local-loss"])
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_rank_results, local_loss):
+    model = fresh_model()
+    loss = ClipLoss()(*model(*global_batch()))
+    loss.backward()
+    for rank, results in enumerate(two_rank_results):
+        result = results[local_loss]
+        torch.testing.assert_close(result["mean_loss"], loss.detach(), atol=1e-5, rtol=0)
+        if not local_loss:  # every rank computes the whole global loss
+            torch.testing.assert_close(result["loss"], loss.detach(), atol=1e-5, rtol=0)
+        assert result["grads"].keys() == dict(model.named_parameters()).keys()
+        for name, parameter in model.named_parameters():
+            torch.testing.assert_close(
+                result["grads"][name], parameter.grad, atol=1e-5, rtol=0, msg=f"rank {rank} {name}"
+            )
+    if local_loss:  # each rank's own rows: different losses whose mean is the global one
+        assert two_rank_results[0][True]["loss"] != two_rank_results[1][True]["loss"]
