@@ -1,0 +1,81 @@
+"""Search an index built by `flows.index`: print the top-k images, or serve a web page.
+
+    python -m flows.search --index data/index --text "a red star" -k 10
+    python -m flows.search --index data/index --image query.jpg -k 10
+    python -m flows.search --index data/index --text "a red star" --image query.jpg --weight 0.7
+    python -m flows.search --index data/index --serve --port 8000    # then open the printed URL
+
+The model is the checkpoint the index names (or --checkpoint, which must be the same model:
+another one is refused). Not a Prefect flow on purpose: a query is interactive, and waiting for
+an orchestrator's API to start would cost more than the query. The query API is
+tasks/search.py (`SearchIndex`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from storage.embeddings import IndexFormatError
+from tasks.search import Hit, SearchError, SearchIndex, create_app
+
+
+def format_hits(hits: list[Hit]) -> str:
+    """The hits as a plain-text table: rank, score, shard, key, caption."""
+    lines = [f"{'rank':>4}  {'score':>7}  {'shard':<7}{'key':<16}caption"]
+    for rank, h in enumerate(hits, 1):
+        caption = h.caption if len(h.caption) <= 70 else h.caption[:67] + "..."
+        lines.append(f"{rank:>4}  {h.score:>7.4f}  {h.shard:<7}{h.key:<16}{caption}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m flows.search", description=__doc__.split("\n")[0])
+    p.add_argument("--index", required=True, help="index folder written by flows.index")
+    p.add_argument("--text", help="text query")
+    p.add_argument("--image", help="image query: a JPEG/PNG/WebP file")
+    p.add_argument(
+        "--weight", type=float, default=0.5, help="text's share when both are given (0..1)"
+    )
+    p.add_argument("-k", type=int, default=10, help="results (more than the index: all of them)")
+    p.add_argument("--checkpoint", help="the index's model, if not at the path it recorded")
+    p.add_argument("--data", help="the dataset, if it moved since the index was built")
+    p.add_argument("--serve", action="store_true", help="serve the search page instead")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    args = p.parse_args(argv)
+    if not args.serve and args.text is None and args.image is None:
+        p.error("give --text and/or --image, or --serve")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        index = SearchIndex.open(args.index, checkpoint=args.checkpoint, data=args.data)
+    except (IndexFormatError, FileNotFoundError) as e:  # a mismatched model is one of these
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.serve:
+        import uvicorn
+
+        print(f"{args.index}: {len(index)} images; serving on http://{args.host}:{args.port}/")
+        uvicorn.run(create_app(index), host=args.host, port=args.port, log_level="warning")
+        return 0
+    image = None
+    if args.image is not None:
+        with open(args.image, "rb") as f:
+            image = f.read()
+    try:
+        hits = index.query(text=args.text, image=image, weight=args.weight, k=args.k)
+    except SearchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_hits(hits))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
