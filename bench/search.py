@@ -76,7 +76,8 @@ def bench_embedding(n_images: int) -> list[str]:
     from PIL import Image
 
     from clip_model import create_model
-    from tasks.search import ClipEncoder, LoadedClip
+    from clip_model.checkpoint import LoadedClip
+    from tasks.search import ClipEncoder
 
     torch.manual_seed(0)
     model = create_model("tiny", tokenizer="openai", vocab_size=49408)

@@ -11,17 +11,19 @@ OpenAI's convention is 64 per head; the activation: OpenAI trained with QuickGEL
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from clip_model.config import OPENAI_VOCAB_SIZE, ModelConfig
 from clip_model.model import CLIP
+from clip_model.tokenizer import get_tokenizer
 
 # entries OpenAI's TorchScript models carry besides parameters (`build_model` drops them too)
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -48,6 +50,11 @@ def from_state_dict(
         raise CheckpointError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
     if config is None and isinstance(obj.get("model_config"), dict | ModelConfig):
         config = obj["model_config"]
+    hparams = obj.get("hyper_parameters")
+    if config is None and isinstance(hparams, dict) and isinstance(hparams.get("model"), dict):
+        # A Lightning checkpoint of this project keeps the model config in its hyper-parameters;
+        # shapes alone cannot tell GELU from QuickGELU.
+        config = hparams["model"]
     state_dict = _clean(obj, source)
 
     if config is None:
@@ -227,3 +234,63 @@ def _unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+# ---- a model with its tokenizer ----------------------------------------------------------------
+
+TOKENIZER_FILE = "tokenizer.json"  # a trained BPE, saved by a training run beside its checkpoints
+
+
+class LoadedClip(NamedTuple):
+    """A model ready to embed: its tokenizer, input size and an identity of its weights."""
+
+    model: CLIP
+    tokenizer: Any
+    image_size: int
+    model_id: str
+    checkpoint: str = ""
+
+
+def model_digest(model: CLIP, tokenizer: Any = None) -> str:
+    """sha256 of what makes embeddings: config, every tensor (name, dtype, shape, bytes), and a
+    trained tokenizer's file. The same weights give the same digest whatever file held them."""
+    h = hashlib.sha256()
+    h.update(model.config.model_dump_json(exclude={"name", "grad_checkpointing"}).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    path = getattr(tokenizer, "path", None)
+    if path is not None:
+        h.update(Path(path).read_bytes())
+    return "sha256:" + h.hexdigest()
+
+
+def load_clip(
+    checkpoint: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None
+) -> LoadedClip:
+    """A checkpoint with its tokenizer: this project's (a training run's `step-N.ckpt` or an
+    exported `{"state_dict", "model_config"}` file), OpenAI's or OpenCLIP's.
+
+    The tokenizer: `tokenizer` if given; else OpenAI's for a model with its vocabulary; else the
+    BPE a training run saved (`tokenizer.json` beside the checkpoint or in the run folder above
+    its `checkpoints/`).
+    """
+    path = Path(checkpoint).resolve()
+    model = from_state_dict(path)
+    config = model.config
+    if tokenizer is None and config.tokenizer != "openai":
+        candidates = [path.with_name(TOKENIZER_FILE), path.parent.parent / TOKENIZER_FILE]
+        tokenizer = next((c for c in candidates if c.is_file()), None)
+        if tokenizer is None:
+            raise FileNotFoundError(
+                f"{checkpoint}: the model uses a trained BPE vocabulary ({config.vocab_size} ids) "
+                f"but no {TOKENIZER_FILE} is in {path.parent} or {path.parent.parent}; pass the "
+                "tokenizer file explicitly"
+            )
+    tok = get_tokenizer(tokenizer or "openai", context_length=config.context_length)
+    if tok.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"tokenizer {tok.name} has {tok.vocab_size} ids, the model {config.vocab_size}"
+        )
+    return LoadedClip(model, tok, config.image_size, model_digest(model, tok), str(path))

@@ -21,11 +21,12 @@ import mlflow
 from prefect import flow, get_run_logger
 from tqdm import tqdm
 
+from clip_model.checkpoint import load_clip
 from storage import open_dataset
 from storage.embeddings import EmbeddingStore, choose_spec
 from storage.tracking import log_dataset, stage_run
 from tasks.index import IndexResult, build_index, embed_shard, plan_index
-from tasks.search import ClipEncoder, load_clip
+from tasks.search import ClipEncoder
 
 
 @flow(name="index", flow_run_name="index-{output}", log_prints=True)

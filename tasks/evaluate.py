@@ -31,7 +31,7 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from clip_model.checkpoint import CheckpointError
+from clip_model.checkpoint import CheckpointError, LoadedClip, load_clip
 from clip_model.eval_callback import loggable_metrics, quick_suite
 from clip_model.eval_data import (
     read_classification,
@@ -47,7 +47,6 @@ from clip_model.evaluate import (
     run_suite,
 )
 from storage.fs import atomic_write_bytes, sha256_file
-from tasks.search import LoadedClip, load_clip
 
 __all__ = [
     "EvaluateResult",

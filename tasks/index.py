@@ -18,6 +18,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
+from clip_model.checkpoint import LoadedClip
 from storage import Dataset, DatasetError
 from storage.embeddings import (
     Dtype,
@@ -27,7 +28,13 @@ from storage.embeddings import (
     build_faiss_index,
     choose_spec,
 )
-from tasks.search import ClipEncoder, LoadedClip, ModelMismatchError, SearchError, decode_image
+from tasks.search import (
+    ClipEncoder,
+    ModelMismatchError,
+    SearchError,
+    decode_image,
+    model_identity,
+)
 
 __all__ = ["IndexResult", "build_index", "embed_shard", "plan_index"]
 
@@ -82,7 +89,7 @@ def plan_index(dataset: Dataset, output: str, clip: LoadedClip, dtype: Dtype) ->
         else:
             shards.append(ShardEmbeddings(name=entry.name, tar_sha256=entry.tar_sha256))
     manifest = IndexManifest(
-        model=clip.identity(),
+        model=model_identity(clip),
         dataset_url=_absolute(dataset.url),
         dataset_digest=dataset.digest,
         dtype=dtype,

@@ -19,7 +19,6 @@ with a logged warning: asking for "everything" is a fair request, not a mistake.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import tarfile
@@ -28,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -38,8 +37,7 @@ from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse, Response
 from PIL import Image, UnidentifiedImageError
 
-from clip_model.checkpoint import from_state_dict
-from clip_model.tokenizer import get_tokenizer
+from clip_model.checkpoint import LoadedClip, load_clip
 from clip_model.transforms import eval_transform
 from storage.embeddings import (
     EmbeddingStore,
@@ -60,13 +58,11 @@ __all__ = [
     "create_app",
     "decode_image",
     "load_clip",
-    "model_digest",
 ]
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("search_page.html")
 MAX_UPLOAD = 20 << 20  # bytes of an uploaded query image
-TOKENIZER_FILE = "tokenizer.json"  # a trained BPE beside a checkpoint of this project
 
 
 class SearchError(ValueError):
@@ -80,72 +76,15 @@ class ModelMismatchError(IndexFormatError):
 # ---- the model ---------------------------------------------------------------------------------
 
 
-class LoadedClip(NamedTuple):
-    model: torch.nn.Module
-    tokenizer: Any
-    image_size: int
-    model_id: str
-    checkpoint: str = ""
-
-    def identity(self) -> ModelIdentity:
-        return ModelIdentity(
-            model_id=self.model_id,
-            checkpoint=self.checkpoint,
-            name=self.model.config.name,
-            embed_dim=self.model.config.embed_dim,
-            image_size=self.image_size,
-        )
-
-
-def model_digest(model: torch.nn.Module, tokenizer: Any = None) -> str:
-    """sha256 of what makes embeddings: config, every tensor (name, dtype, shape, bytes), and a
-    trained tokenizer's file. The same weights give the same digest whatever file held them."""
-    h = hashlib.sha256()
-    h.update(model.config.model_dump_json(exclude={"name", "grad_checkpointing"}).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    path = getattr(tokenizer, "path", None)
-    if path is not None:
-        h.update(Path(path).read_bytes())
-    return "sha256:" + h.hexdigest()
-
-
-def load_clip(checkpoint: str | Path, *, tokenizer: str | Path | None = None) -> LoadedClip:
-    """(model, tokenizer, image_size, model_id) of a checkpoint: this project's (a training
-    run's `step-N.ckpt` or an exported `{"state_dict", "model_config"}` file), OpenAI's or
-    OpenCLIP's (anything `clip_model.from_state_dict` reads).
-
-    The tokenizer: `tokenizer` if given; else OpenAI's for a model with its vocabulary; else the
-    BPE a training run saved (`tokenizer.json` beside the checkpoint or in the run folder above
-    its `checkpoints/`).
-    """
-    path = Path(checkpoint).resolve()
-    if path.suffix == ".ckpt":
-        # A Lightning checkpoint keeps the model's config in its hyper-parameters; without it the
-        # architecture would be inferred from shapes, which cannot tell GELU from QuickGELU.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        config = obj.get("hyper_parameters", {}).get("model") if isinstance(obj, dict) else None
-        model = from_state_dict(obj, config=config)
-    else:
-        model = from_state_dict(path)
-    config = model.config
-    if tokenizer is None and config.tokenizer != "openai":
-        candidates = [path.with_name(TOKENIZER_FILE), path.parent.parent / TOKENIZER_FILE]
-        tokenizer = next((c for c in candidates if c.is_file()), None)
-        if tokenizer is None:
-            raise FileNotFoundError(
-                f"{checkpoint}: the model uses a trained BPE vocabulary ({config.vocab_size} ids) "
-                f"but no {TOKENIZER_FILE} is in {path.parent} or {path.parent.parent}; pass the "
-                "tokenizer file explicitly"
-            )
-    tok = get_tokenizer(tokenizer or "openai", context_length=config.context_length)
-    if tok.vocab_size > config.vocab_size:
-        raise ValueError(
-            f"tokenizer {tok.name} has {tok.vocab_size} ids, the model {config.vocab_size}"
-        )
-    return LoadedClip(model, tok, config.image_size, model_digest(model, tok), str(path))
+def model_identity(clip: LoadedClip) -> ModelIdentity:
+    """What an index records of the model that embedded it."""
+    return ModelIdentity(
+        model_id=clip.model_id,
+        checkpoint=clip.checkpoint,
+        name=clip.model.config.name,
+        embed_dim=clip.model.config.embed_dim,
+        image_size=clip.image_size,
+    )
 
 
 class ClipEncoder:

@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from clip_model.checkpoint import load_clip
 from storage import DatasetWriter, open_dataset
 from storage.embeddings import EmbeddingStore, choose_spec
 from tasks.search import (
@@ -31,7 +32,6 @@ from tasks.search import (
     SearchError,
     SearchIndex,
     decode_image,
-    load_clip,
 )
 
 COLOURS = {

@@ -44,15 +44,21 @@ class ClipScorer:
 
     def __init__(self, cfg: ClipScore):
         from clip_model import create_model, from_state_dict, get_tokenizer
+        from clip_model.checkpoint import load_clip
         from clip_model.transforms import eval_transform
 
-        if cfg.checkpoint is not None:
+        tokenizer = cfg.tokenizer
+        if cfg.checkpoint is not None and cfg.model is None:
+            # this project's checkpoint finds its own tokenizer; OpenAI/OpenCLIP use OpenAI's
+            clip = load_clip(cfg.checkpoint, tokenizer=cfg.tokenizer)
+            self.model = clip.model
+            tokenizer = str(getattr(clip.tokenizer, "path", None) or "openai")
+        elif cfg.checkpoint is not None:
             self.model = from_state_dict(cfg.checkpoint, config=cfg.model)
         else:
             name = cfg.model or "tiny"
             log.warning("clip_score: no checkpoint; %r has RANDOM weights (benchmarks only)", name)
             self.model = create_model(name)
-        tokenizer = cfg.tokenizer
         if tokenizer is None:
             if self.model.config.tokenizer != "openai":
                 raise ValueError(
