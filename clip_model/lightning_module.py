@@ -1,0 +1,401 @@
+"""Contrastive pretraining as a LightningModule, and the checkpoints that make resume exact.
+
+Optimisation follows the paper and OpenCLIP's defaults: AdamW (beta2 0.98, eps 1e-6) with no weight
+decay on gains, biases, embeddings and the temperature; a linear warmup then a cosine decay,
+stepped every optimizer step; the learned temperature's logit clamped to ln(100) after each step
+("clipped to prevent scaling the logits by more than 100", Radford et al. 2021, section 2.5).
+Precision, gradient clipping and accumulation are the Trainer's (`precision="bf16-mixed"`,
+`gradient_clip_val`, `accumulate_grad_batches`).
+
+Every optimizer step logs train/loss, train/lr, train/temperature, perf/samples_per_s and
+perf/data_wait_frac (time spent waiting for the next batch / wall time of the step), and rank 0
+appends the same record to `metrics_path` (JSONL): that file is what the resume test compares.
+
+`StepCheckpoint` writes `step-NNNNNNNN.ckpt` every N steps and at the end, atomically (a temporary
+name, then a rename), keeps the last K, and adds every rank's RNG states to Lightning's own
+checkpoint (model, optimizer, scheduler, scaler, loop counters and the DataModule's position).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import time
+import warnings
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+
+from clip_model.config import ModelConfig
+from clip_model.loss import ClipLoss
+from clip_model.model import create_model
+from clip_model.retrieval import gather_retrieval_features, retrieval_metrics
+from storage.fs import filesystem, join
+
+__all__ = ["ClipLightningModule", "StepCheckpoint", "cosine_with_warmup", "latest_checkpoint"]
+
+MAX_LOGIT_SCALE = math.log(100)
+
+
+def cosine_with_warmup(
+    step: int, *, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
+) -> float:
+    """LR multiplier: (step+1)/warmup during warmup (OpenCLIP's), then cosine to `min_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Gains, biases, embeddings and the temperature are not decayed (as OpenCLIP)."""
+    return param.ndim < 2 or "embedding" in name or "logit_scale" in name
+
+
+class _MeasuredClipLoss(ClipLoss):
+    """ClipLoss that remembers how many texts each image was scored against: the global batch
+    the loss really saw (all ranks' features gathered), logged as train/global_batch."""
+
+    last_global_batch: int = 0
+
+    def logits(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        logits_per_image, logits_per_text = super().logits(*args)
+        self.last_global_batch = logits_per_image.shape[1]
+        return logits_per_image, logits_per_text
+
+
+class ClipLightningModule(L.LightningModule):
+    def __init__(
+        self,
+        *,
+        model: str | dict | ModelConfig = "tiny",
+        lr: float = 5e-4,
+        weight_decay: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.0,
+        local_loss: bool = False,
+        gather_with_grad: bool = True,
+        metrics_path: str | None = None,
+        print_every: int = 0,
+    ):
+        super().__init__()
+        config = ModelConfig.load(model)
+        # the resolved config goes into the checkpoint: it rebuilds the model without presets
+        self.save_hyperparameters(
+            {
+                "model": config.model_dump(mode="json"),
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "betas": tuple(betas),
+                "eps": eps,
+                "warmup_steps": warmup_steps,
+                "min_lr_ratio": min_lr_ratio,
+                "local_loss": local_loss,
+                "gather_with_grad": gather_with_grad,
+            },
+            logger=False,  # train.py logs the whole run config; MLflow params cannot change
+        )
+        self.model = create_model(config)
+        self.loss_fn = _MeasuredClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)
+        self.metrics_path, self.print_every = metrics_path, print_every
+        self.last_metrics: dict[str, float] = {}
+        self._metrics_file = None
+        self._t_end: float | None = None  # when the previous batch finished
+        self._t_step: float | None = None  # when the previous optimizer step's batch finished
+        self._val_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._val_loss = torch.zeros(2)
+
+    # ---- optimisation ---------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay, plain = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (plain if no_weight_decay(name, param) else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": plain, "weight_decay": 0.0},
+                {"params": decay, "weight_decay": hp.weight_decay},
+            ],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: cosine_with_warmup(
+                step, warmup_steps=hp.warmup_steps, total_steps=total, min_ratio=hp.min_lr_ratio
+            ),
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    # ---- training ---------------------------------------------------------------------------
+
+    def on_train_start(self) -> None:
+        self._logged_step = self.trainer.global_step  # restored on resume
+        self._losses: list[torch.Tensor] = []
+        self._samples, self._waited = 0, 0.0
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._t_end is not None:  # since the previous batch ended: waiting for this one
+            self._waited += now - self._t_end
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        image_features, text_features, logit_scale = self.model(batch["image"], batch["text"])
+        loss = self.loss_fn(image_features, text_features, logit_scale)
+        self._step_values = {
+            "logit_scale": logit_scale.detach(),
+            "epoch": int(batch["epoch"]) if "epoch" in batch else self.current_epoch,
+            "batch": int(batch["index"]) if "index" in batch else batch_idx,
+        }
+        self._losses.append(loss.detach())
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        global_batch = self.loss_fn.last_global_batch or batch["image"].shape[0]
+        self._samples += global_batch
+        if self.trainer.global_step == self._logged_step:  # accumulating: no optimizer step yet
+            self._t_end = time.perf_counter()
+            return
+        # one record per optimizer step; with accumulation, over its micro-batches
+        now = time.perf_counter()
+        values = self._step_values
+        metrics = {
+            "train/loss": float(torch.stack(self._losses).mean()),
+            "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+            "train/temperature": 1.0 / float(values["logit_scale"]),
+            "train/global_batch": float(global_batch),
+        }
+        if self._t_step is not None:  # the first step's wait includes starting the workers
+            step_time = now - self._t_step
+            metrics["perf/samples_per_s"] = self._samples / step_time
+            metrics["perf/data_wait_frac"] = self._waited / step_time
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "corrupt_shards"):
+            metrics["data/corrupt_shards"] = float(len(datamodule.corrupt_shards))
+            metrics["data/bad_samples"] = float(datamodule.bad_samples)
+        self._log(metrics, on_step=True, on_epoch=False, batch_size=batch["image"].shape[0])
+        if self.trainer.is_global_zero:
+            self._record(values, metrics)
+        self._logged_step = self.trainer.global_step
+        self._losses, self._samples, self._waited = [], 0, 0.0
+        self._t_end = self._t_step = time.perf_counter()
+
+    def _log(self, metrics: dict[str, float], **kwargs: Any) -> None:
+        """To Lightning (progress, callbacks) and to the loggers at the step just completed.
+
+        Lightning's own logger step is the count *before* the optimizer step (0-based); MLflow's
+        history, metrics.jsonl and checkpoint names all use the optimizer steps taken (1-based).
+        """
+        self.log_dict(metrics, logger=False, **kwargs)
+        self.last_metrics.update(metrics)
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.trainer.global_step)
+
+    def _record(self, values: dict[str, Any], metrics: dict[str, float]) -> None:
+        step = self.trainer.global_step
+        record = {"step": step, "epoch": values["epoch"], "batch": values["batch"], **metrics}
+        if self.metrics_path:
+            if self._metrics_file is None:
+                fs, path = filesystem(self.metrics_path)
+                fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                self._metrics_file = fs.open(path, "a")
+            self._metrics_file.write(json.dumps(record) + "\n")
+            self._metrics_file.flush()
+        if self.print_every and step % self.print_every == 0:
+            fields = " ".join(
+                f"{k.split('/')[-1]}={v:.4g}"
+                for k, v in metrics.items()
+                if not k.startswith("data")
+            )
+            print(f"step {step} epoch {values['epoch']} {fields}", flush=True)
+
+    def on_train_end(self) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+
+    # ---- validation: contrastive loss and retrieval recall on the held-out split -------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_parts, self._val_loss = [], torch.zeros(2, device=self.device)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        valid = batch["valid"]
+        image_features, text_features, logit_scale = self.model(batch["image"], batch["text"])
+        image_features, text_features = image_features[valid].float(), text_features[valid].float()
+        n = image_features.shape[0]
+        if n == 0:
+            return
+        # the batch's own contrastive loss (this rank's rows only: padding never competes)
+        logits = logit_scale.float() * image_features @ text_features.T
+        labels = torch.arange(n, device=logits.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        self._val_loss += torch.stack(
+            [loss.detach() * n, torch.tensor(float(n), device=self.device)]
+        )
+        self._val_parts.append((image_features, text_features))
+
+    def on_validation_epoch_end(self) -> None:
+        dim = self.model.config.embed_dim
+        parts = self._val_parts or [(torch.zeros(0, dim, device=self.device),) * 2]
+        images = torch.cat([p[0] for p in parts])
+        texts = torch.cat([p[1] for p in parts])
+        # every query must see every target: recall needs all ranks' features together
+        images, texts, owners = gather_retrieval_features(
+            images, texts, torch.arange(images.shape[0], device=images.device)
+        )
+        totals = self.all_gather(self._val_loss).reshape(-1, 2).sum(0)  # trap 8: no world dim at 1
+        metrics = {"val/loss": float(totals[0] / totals[1].clamp(min=1))}
+        if images.shape[0]:
+            recall = retrieval_metrics(images, texts, owners, ks=(1, 5))
+            # MLflow metric names allow no "@": image_retrieval_recall_at_1
+            metrics.update({f"val/{k.replace('@', '_at_')}": v for k, v in recall.items()})
+        metrics["val/samples"] = float(images.shape[0])
+        self._log(metrics, on_step=False, on_epoch=True, sync_dist=True)  # equal on all ranks
+        self._val_parts = []
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+_STEP_RE = re.compile(r"^step-(\d+)\.ckpt$")
+
+
+def _checkpoints(directory: str) -> list[tuple[int, str]]:
+    fs, path = filesystem(directory)
+    if not fs.exists(path):
+        return []
+    found = []
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if match := _STEP_RE.match(name):
+            found.append((int(match.group(1)), join(directory, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(directory: str) -> str | None:
+    """The newest `step-N.ckpt` in `directory`, or None."""
+    found = _checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+def _rng_states() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as tensors and ints (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class StepCheckpoint(Callback):
+    """Checkpoint every `every_n_steps` optimizer steps and at the end; keep the last `keep_last`.
+
+    Written under a temporary name and renamed, so a run killed mid-write leaves no half file
+    that looks whole. Every rank's RNG states ride along (gathered to rank 0, which writes).
+    """
+
+    def __init__(self, dirpath: str, *, every_n_steps: int, keep_last: int = 3):
+        if every_n_steps < 1 or keep_last < 1:
+            raise ValueError("every_n_steps and keep_last must be >= 1")
+        self.dirpath, self.every_n_steps, self.keep_last = dirpath, every_n_steps, keep_last
+        self.last_saved_step = -1
+        self.last_path: str | None = None
+        self._rng: list[dict[str, Any]] | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        step = trainer.global_step
+        # global_step moves only when the optimizer steps, so the first batch to see a new step
+        # closes an accumulation cycle: no half-accumulated gradient is ever left unsaved
+        if step > 0 and step % self.every_n_steps == 0 and step != self.last_saved_step:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self.last_saved_step:
+            self.save(trainer)
+
+    def save(self, trainer: L.Trainer) -> str:
+        step = trainer.global_step
+        path = join(self.dirpath, f"step-{step:08d}.ckpt")
+        tmp = join(self.dirpath, f".step-{step:08d}.ckpt.tmp")
+        states = _rng_states()
+        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
+            gathered: list[Any] = [None] * trainer.world_size
+            dist.all_gather_object(gathered, states)
+            self._rng = gathered
+        else:
+            self._rng = [states]
+        trainer.save_checkpoint(
+            tmp, weights_only=False
+        )  # every rank calls it; the strategy writes on rank 0
+        if trainer.is_global_zero:
+            fs, tmp_path = filesystem(tmp)
+            final_path = filesystem(path)[1]
+            if fs.__class__.__name__ == "LocalFileSystem":
+                os.replace(tmp_path, final_path)  # atomic on POSIX
+            else:
+                fs.mv(tmp_path, final_path)
+            for _, old in _checkpoints(self.dirpath)[: -self.keep_last]:
+                fs.rm(filesystem(old)[1])
+        trainer.strategy.barrier("StepCheckpoint.save")
+        self.last_saved_step, self.last_path = step, path
+        return path
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["rng_states"] = self._rng or [_rng_states()]
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        states = checkpoint.get("rng_states")
+        if not states:
+            return
+        if len(states) != trainer.world_size:
+            warnings.warn(
+                f"checkpoint holds RNG states of {len(states)} ranks, this run has "
+                f"{trainer.world_size}: random streams will differ from the interrupted run",
+                stacklevel=2,
+            )
+        _set_rng_states(states[trainer.global_rank % len(states)])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_saved_step": self.last_saved_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_saved_step = state_dict.get("last_saved_step", -1)

@@ -1,0 +1,140 @@
+"""The trained model as an MLflow pyfunc: a DataFrame of images and/or texts in, embeddings out.
+
+    model = mlflow.pyfunc.load_model("models:/clip/1")
+    out = model.predict(pd.DataFrame({"image": [jpeg_bytes, None], "text": [None, "a red circle"]}))
+    out["image_embedding"][0], out["text_embedding"][1]   # L2-normalised lists of floats
+
+`image` holds encoded image bytes (JPEG, PNG, ...) or their base64 text (what JSON serving sends);
+`text` holds strings. Either column may be absent; a missing value gives a None embedding. The
+package's `clip_model` source travels with the model (`code_paths`), so loading it needs neither
+this repository nor the training run, only torch and Pillow.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+
+__all__ = ["ClipEmbedder", "log_pyfunc_model"]
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _image_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as error:
+            raise ValueError(
+                f"image: a string must be base64 of the image bytes ({error})"
+            ) from None
+    raise TypeError(f"image: expected bytes or base64 text, got {type(value).__name__}")
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)  # None or NaN
+
+
+class ClipEmbedder(mlflow.pyfunc.PythonModel):
+    """Embeds the `image` and `text` columns of a DataFrame with a clip_model CLIP."""
+
+    batch_size = 64
+
+    def load_context(self, context: Any) -> None:
+        from clip_model.checkpoint import from_state_dict
+        from clip_model.tokenizer import get_tokenizer
+        from clip_model.transforms import eval_transform
+
+        self.model = from_state_dict(context.artifacts["weights"])  # fp32, eval mode
+        config = self.model.config
+        self.tokenizer = get_tokenizer(
+            context.artifacts.get("tokenizer", "openai"), config.context_length
+        )
+        self.transform = eval_transform(config.image_size)
+
+    @torch.no_grad()
+    def _embed(self, values: list, encode) -> list[list[float] | None]:
+        rows = [i for i, v in enumerate(values) if not _missing(v)]
+        result: list[list[float] | None] = [None] * len(values)
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            features = encode([values[i] for i in chunk])
+            features = torch.nn.functional.normalize(features.float(), dim=-1)
+            for i, row in zip(chunk, features.tolist(), strict=True):
+                result[i] = row
+        return result
+
+    def _encode_images(self, values: list) -> torch.Tensor:
+        from PIL import Image
+
+        images = [self.transform(Image.open(io.BytesIO(_image_bytes(v)))) for v in values]
+        return self.model.encode_image(torch.stack(images))
+
+    def _encode_texts(self, values: list) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer([str(v) for v in values]))
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None):
+        if not isinstance(model_input, pd.DataFrame):
+            model_input = pd.DataFrame(model_input)
+        if "image" not in model_input and "text" not in model_input:
+            raise ValueError(
+                f"expected an 'image' and/or a 'text' column, got {list(model_input.columns)}"
+            )
+        out = pd.DataFrame(index=model_input.index)
+        if "image" in model_input:
+            out["image_embedding"] = self._embed(list(model_input["image"]), self._encode_images)
+        if "text" in model_input:
+            out["text_embedding"] = self._embed(list(model_input["text"]), self._encode_texts)
+        return out
+
+
+def log_pyfunc_model(
+    model: torch.nn.Module,
+    *,
+    tokenizer: str = "openai",
+    name: str = "model",
+    registered_model_name: str | None = None,
+) -> Any:
+    """Log `model` (a clip_model CLIP) to the active MLflow run as a pyfunc; returns ModelInfo.
+
+    `tokenizer`: "openai" or the path of the tokenizer JSON the model was trained with.
+    """
+    from clip_model.checkpoint import to_state_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.pt"
+        torch.save(
+            {"state_dict": to_state_dict(model), "model_config": model.config.model_dump()},
+            weights,
+        )
+        artifacts = {"weights": str(weights)}
+        if tokenizer != "openai":
+            artifacts["tokenizer"] = str(tokenizer)
+        torch_version = torch.__version__.split("+")[0]
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=ClipEmbedder(),
+            artifacts=artifacts,
+            code_paths=[str(_PACKAGE)],
+            pip_requirements=[
+                f"torch=={torch_version}",
+                "pillow",
+                "numpy",
+                "pandas",
+                "pydantic>=2",
+                "pyyaml",
+                "regex",
+                "tokenizers",
+            ],
+            registered_model_name=registered_model_name,
+        )

@@ -1,0 +1,496 @@
+"""Contrastive pretraining of a CLIP model on a dataset in the storage format.
+
+One CPU (or one GPU), a YAML config plus `key=value` overrides (dotted keys reach nested fields):
+
+    python -m clip_model.train --config configs/train/tiny.yaml data=data/sample max_steps=200
+
+Several processes on one machine (DDP; gloo on CPU, NCCL on GPU), under torchrun:
+
+    torchrun --standalone --nproc_per_node 8 -m clip_model.train --config configs/train/tiny.yaml \\
+        devices=8 accelerator=gpu precision=bf16-mixed
+
+Several nodes: the same command on every node with a rendezvous (or `srun` under SLURM, where
+Lightning reads SLURM_* itself: one task per GPU, `--ntasks-per-node` = devices):
+
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+        -m clip_model.train --config cfg.yaml devices=8 num_nodes=4
+    srun --nodes 4 --ntasks-per-node 8 --gpus-per-node 8 \\
+        python -m clip_model.train --config cfg.yaml devices=8 num_nodes=4
+
+Resume after a crash or preemption: `resume=auto` (the newest checkpoint in checkpoint_dir, or a
+fresh start) or `resume=PATH`. The run writes into `out_dir`: config.yaml (resolved), tokenizer.json
+(when trained on the captions), checkpoints/step-N.ckpt, metrics.jsonl (one line per step, rank 0)
+and, at the end, final_metrics.json (what the `train` Prefect flow returns). With MLflow enabled,
+rank 0 logs the run as a child of `mlflow.parent_run_id` (or a run of `mlflow.experiment`): the
+config as parameters, per-step metrics, the config/tokenizer/final checkpoint as artifacts, and a
+pyfunc model registered as `mlflow.registered_model`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = ["ConfigError", "TrainConfig", "load_config", "main", "train"]
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be run; the message names the field and the file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CheckpointConfig(_Strict):
+    every_n_steps: int = Field(1000, gt=0)
+    keep_last: int = Field(3, gt=0)
+
+
+class MLflowConfig(_Strict):
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    experiment: str = "clip-pipeline"
+    parent_run_id: str | None = None
+    run_name: str = "train"
+    log_model: bool = True  # the pyfunc model (and its registration)
+    registered_model: str | None = "clip"
+
+
+class TrainConfig(_Strict):
+    """Everything a training run needs; `extra="forbid"`: an unknown key is an error."""
+
+    # data
+    data: str
+    val_data: str | None = None  # a separate validation dataset; else a hash split of `data`
+    val_fraction: float = Field(0.02, ge=0, lt=1)
+    val_max_samples: int = Field(1000, ge=0)
+    val_every_n_steps: int | None = Field(None, gt=0)  # None: every epoch; always at the end
+    workers: int = Field(4, ge=0)
+    shuffle_buffer: int = Field(1000, ge=1)
+    resampled: bool = False
+    # model and tokenizer
+    model: str = "tiny"  # a preset in configs/model or a YAML path
+    model_overrides: dict[str, Any] = Field(default_factory=dict)
+    tokenizer: str = "auto"  # auto (the preset's), openai, bpe (learnt on the captions), a path
+    tokenizer_vocab_size: int | None = Field(None, ge=258)  # bpe; default: the preset's
+    # optimisation
+    batch_size: int = Field(256, gt=0)  # per device
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.2, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.98, ge=0, lt=1)
+    eps: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    max_steps: int | None = Field(None, gt=0)
+    max_epochs: int | None = Field(None, gt=0)
+    grad_clip_norm: float | None = Field(1.0, gt=0)
+    accumulate_grad_batches: int = Field(1, gt=0)
+    local_loss: bool = False
+    gather_with_grad: bool = True
+    grad_checkpointing: bool = False
+    precision: Literal["32", "32-true", "bf16-mixed", "16-mixed"] = "32"
+    # hardware
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: int | Literal["auto"] = 1
+    num_nodes: int = Field(1, gt=0)
+    strategy: Literal["auto", "ddp"] = "auto"
+    cpu_threads: int | None = Field(None, gt=0)  # torch threads per rank; None: torch's default
+    # reproducibility, output, resume
+    seed: int = 0
+    deterministic: bool = False  # also deterministic kernels (the data order always is)
+    out_dir: str = "runs/train"
+    checkpoint_dir: str | None = None  # default: out_dir/checkpoints
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    resume: str | None = None  # a checkpoint path, or "auto": the newest in checkpoint_dir
+    print_every_n_steps: int = Field(10, ge=0)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value  # YAML reads 32 as a number
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if (self.max_steps is None) == (self.max_epochs is None):
+            raise ValueError("set exactly one of max_steps and max_epochs")
+        if isinstance(self.devices, int) and self.devices < 1:
+            raise ValueError(f"devices={self.devices}: must be >= 1 or 'auto'")
+        if self.tokenizer not in ("auto", "openai", "bpe") and not Path(self.tokenizer).is_file():
+            raise ValueError(
+                f"tokenizer={self.tokenizer!r}: expected auto, openai, bpe or an existing "
+                "tokenizer JSON file"
+            )
+        if self.precision == "16-mixed" and self.accelerator == "cpu":
+            raise ValueError("precision=16-mixed needs a GPU; on a CPU use bf16-mixed")
+        return self
+
+    @property
+    def checkpoints(self) -> str:
+        return self.checkpoint_dir or f"{self.out_dir.rstrip('/')}/checkpoints"
+
+
+# ---- config loading -----------------------------------------------------------------------------
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}=...: {part!r} is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
+    """A YAML file (or nothing) plus `key=value` overrides (YAML values), validated."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "overrides"
+    if path:
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: config file not found")
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+        data = loaded
+    for item in overrides:
+        key, sep, value = item.removeprefix("--").partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        _set_dotted(data, key.replace("-", "_"), yaml.safe_load(value) if value else None)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as error:
+        problems = []
+        for e in error.errors():
+            field = ".".join(str(p) for p in e["loc"]) or "config"
+            got = f" (got {e['input']!r})" if e["type"] != "missing" and "input" in e else ""
+            problems.append(f"  {field}: {e['msg']}{got}")
+        raise ConfigError(f"{source}: invalid training config\n" + "\n".join(problems)) from None
+
+
+# ---- the run --------------------------------------------------------------------------------------
+
+
+def _resolve_resume(cfg: TrainConfig) -> str | None:
+    from clip_model.lightning_module import latest_checkpoint
+    from storage.fs import exists
+
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        return latest_checkpoint(cfg.checkpoints)
+    if not exists(cfg.resume):
+        raise FileNotFoundError(
+            f"resume={cfg.resume!r}: no such checkpoint (use resume=auto to take the newest in "
+            f"{cfg.checkpoints} if there is one)"
+        )
+    return cfg.resume
+
+
+def _wait_for(path: Path, what: str, timeout: float = 1800) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f} s for rank 0 to write {what} at {path}")
+        time.sleep(0.5)
+
+
+def prepare_tokenizer(cfg: TrainConfig, dataset: Any, model_config: Any, rank: int):
+    """(tokenizer, its file or "openai", the model config fitted to its vocabulary).
+
+    "bpe" learns a byte-level BPE on the training captions (rank 0; the others wait for the
+    file): saved as out_dir/tokenizer.json and reused when it exists (resume).
+    """
+    from clip_model.config import OPENAI_VOCAB_SIZE
+    from clip_model.datamodule import is_validation_key
+    from clip_model.tokenizer import get_tokenizer, train_tokenizer
+
+    kind = model_config.tokenizer if cfg.tokenizer == "auto" else cfg.tokenizer
+    ctx = model_config.context_length
+    if kind == "openai":
+        update = {"tokenizer": "openai", "vocab_size": OPENAI_VOCAB_SIZE}
+        return get_tokenizer("openai", ctx), "openai", model_config.model_copy(update=update)
+    if kind == "bpe":
+        path = Path(cfg.out_dir) / "tokenizer.json"
+        if not path.exists():
+            if rank == 0:
+                table = dataset.metadata(columns=["key", "caption", "status"])
+                fraction = 0.0 if cfg.val_data else cfg.val_fraction
+                captions = [
+                    c
+                    for k, c, s in zip(
+                        table["key"].to_pylist(),
+                        table["caption"].to_pylist(),
+                        table["status"].to_pylist(),
+                        strict=True,
+                    )
+                    if s == "success" and c and not is_validation_key(k, fraction)
+                ]
+                vocab = cfg.tokenizer_vocab_size or model_config.vocab_size
+                train_tokenizer(captions, vocab, path)  # written atomically
+            else:
+                _wait_for(path, "the tokenizer")
+    else:
+        path = Path(kind)
+    tokenizer = get_tokenizer(path, ctx)
+    update = {"tokenizer": "bpe", "vocab_size": tokenizer.vocab_size}
+    return tokenizer, str(path), model_config.model_copy(update=update)
+
+
+def _mlflow_run(cfg: TrainConfig, tracking_uri: str) -> str:
+    """A new MLflow run for this training, nested under the parent when one is given.
+
+    MLFlowLogger(run_id=...) terminates the run it is handed (DESIGN.md trap 6), so it always
+    gets this child, never the caller's run.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    tags = {"stage": "train", "mlflow.runName": cfg.mlflow.run_name}
+    if cfg.mlflow.parent_run_id:
+        parent = client.get_run(cfg.mlflow.parent_run_id)  # raises naming the id if unknown
+        experiment_id = parent.info.experiment_id
+        tags["mlflow.parentRunId"] = cfg.mlflow.parent_run_id
+    else:
+        mlflow.set_tracking_uri(tracking_uri)
+        experiment_id = mlflow.set_experiment(cfg.mlflow.experiment).experiment_id
+    return client.create_run(experiment_id, tags=tags).info.run_id
+
+
+def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
+    """Run one training (this process is one rank) and return the final metrics (rank 0).
+
+    `callbacks`: extra Lightning callbacks, e.g. a zero-shot evaluation during training.
+    """
+    import lightning as L
+    import torch
+    import torch.distributed as dist
+
+    from clip_model.config import ModelConfig
+    from clip_model.datamodule import ClipDataModule
+    from clip_model.lightning_module import ClipLightningModule, StepCheckpoint
+    from clip_model.transforms import eval_transform, train_transform
+    from storage import open_dataset
+    from storage.fs import atomic_write_bytes, join
+    from storage.tracking import flatten_params, tracking_uri
+
+    started = time.time()
+    # the train stream's __len__ is exact by construction (batches per rank from the manifest)
+    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    dataset = open_dataset(cfg.data)  # DatasetError naming the folder and what is wrong
+    resume_path = _resolve_resume(cfg)
+    L.seed_everything(cfg.seed, workers=False, verbose=False)
+
+    checkpoint_cb = StepCheckpoint(
+        cfg.checkpoints,
+        every_n_steps=cfg.checkpoint.every_n_steps,
+        keep_last=cfg.checkpoint.keep_last,
+    )
+    trainer = L.Trainer(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        precision=cfg.precision,
+        max_steps=cfg.max_steps or -1,
+        max_epochs=cfg.max_epochs,
+        gradient_clip_val=cfg.grad_clip_norm,
+        accumulate_grad_batches=cfg.accumulate_grad_batches,
+        deterministic=cfg.deterministic,
+        callbacks=[checkpoint_cb, *callbacks],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=None,
+        val_check_interval=(
+            cfg.val_every_n_steps * cfg.accumulate_grad_batches if cfg.val_every_n_steps else None
+        ),
+        use_distributed_sampler=False,
+        default_root_dir=cfg.out_dir,
+    )
+    rank = trainer.global_rank
+
+    model_config = ModelConfig.load(cfg.model)
+    if cfg.model_overrides or cfg.grad_checkpointing:
+        update = {**cfg.model_overrides, "grad_checkpointing": cfg.grad_checkpointing}
+        model_config = ModelConfig(**{**model_config.model_dump(), **update})
+    tokenizer, tokenizer_ref, model_config = prepare_tokenizer(cfg, dataset, model_config, rank)
+
+    resolved = cfg.model_dump(mode="json")
+    resolved["resolved_model"] = model_config.model_dump(mode="json")
+    resolved["tokenizer_file"] = tokenizer_ref
+    out = cfg.out_dir
+    if rank == 0:
+        atomic_write_bytes(join(out, "config.yaml"), yaml.safe_dump(resolved).encode())
+
+    # MLflow: rank 0 only; the tracking URI always explicit (DESIGN.md trap 6)
+    uri = cfg.mlflow.tracking_uri or tracking_uri()
+    run_id = None
+    if cfg.mlflow.enabled:
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        if rank == 0:
+            run_id = _mlflow_run(cfg, uri)
+        logger = MLFlowLogger(
+            tracking_uri=uri,
+            run_id=run_id,
+            experiment_name=cfg.mlflow.experiment,
+            synchronous=False,  # per-step metrics queue in a thread; never stall a step
+        )
+        trainer.loggers = [logger]
+        if rank == 0:
+            logger.log_hyperparams(flatten_params(resolved))
+
+    datamodule = ClipDataModule(
+        dataset,
+        tokenizer=tokenizer,
+        train_transform=train_transform(model_config.image_size),
+        val_transform=eval_transform(model_config.image_size),
+        image_size=model_config.image_size,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+        resampled=cfg.resampled,
+        val_data=cfg.val_data,
+        val_fraction=cfg.val_fraction,
+        val_max_samples=cfg.val_max_samples,
+        pin_memory=trainer.strategy.root_device.type == "cuda",
+    )
+    module = ClipLightningModule(
+        model=model_config,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        warmup_steps=cfg.warmup_steps,
+        min_lr_ratio=cfg.min_lr_ratio,
+        local_loss=cfg.local_loss,
+        gather_with_grad=cfg.gather_with_grad,
+        metrics_path=join(out, "metrics.jsonl"),
+        print_every=cfg.print_every_n_steps,
+    )
+    if rank == 0:
+        print(
+            f"training {model_config.name} on {dataset.url}: {datamodule.train_samples} train / "
+            f"{datamodule.val_samples} val samples, world {trainer.world_size} x batch "
+            f"{cfg.batch_size}, resume from {resume_path or 'scratch'}",
+            flush=True,
+        )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path, weights_only=False)
+    if datamodule.val_samples:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+
+    # what every rank's workers met: distinct corrupt shards, replaced samples
+    errors = (sorted(datamodule.corrupt_shards), datamodule.bad_samples)
+    if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
+        gathered: list[Any] = [None] * trainer.world_size
+        dist.all_gather_object(gathered, errors)
+    else:
+        gathered = [errors]
+    if rank != 0:
+        return {}
+
+    result: dict[str, Any] = {
+        "checkpoint": checkpoint_cb.last_path,
+        "checkpoint_dir": cfg.checkpoints,
+        "global_step": trainer.global_step,
+        "epoch": datamodule.position.epoch,
+        "world_size": trainer.world_size,
+        "global_batch_size": cfg.batch_size * trainer.world_size,
+        "metrics": dict(module.last_metrics),
+        "data": {
+            "train_samples": datamodule.train_samples,
+            "val_samples": datamodule.val_samples,
+            "corrupt_shards": sorted({s for names, _ in gathered for s in names}),
+            "bad_samples": sum(n for _, n in gathered),
+        },
+        "tokenizer": tokenizer_ref,
+        "config": join(out, "config.yaml"),
+        "resumed_from": resume_path,
+        "seconds": round(time.time() - started, 1),
+        "mlflow": None,
+    }
+    if cfg.mlflow.enabled:
+        result["mlflow"] = _log_outputs(cfg, uri, run_id, module, result)
+    atomic_write_bytes(join(out, "final_metrics.json"), json.dumps(result, indent=2).encode())
+    print(f"final metrics: {json.dumps(result['metrics'])}", flush=True)
+    return result
+
+
+def _log_outputs(
+    cfg: TrainConfig, uri: str, run_id: str, module: Any, result: dict[str, Any]
+) -> dict[str, Any]:
+    """Artifacts (config, tokenizer, final checkpoint) and the registered pyfunc model."""
+    import mlflow
+
+    from clip_model.pyfunc import log_pyfunc_model
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.flush_async_logging()  # the per-step metrics MLFlowLogger queued
+    info: dict[str, Any] = {"tracking_uri": uri, "run_id": run_id}
+    with mlflow.start_run(run_id=run_id):  # reopens the child run MLFlowLogger closed
+        mlflow.log_metrics({k: v for k, v in result["metrics"].items() if k.startswith("val/")})
+        mlflow.log_artifact(result["config"])
+        if result["tokenizer"] != "openai":
+            mlflow.log_artifact(result["tokenizer"])
+        if result["checkpoint"]:
+            mlflow.log_artifact(result["checkpoint"], artifact_path="checkpoints")
+        if cfg.mlflow.log_model:
+            model_info = log_pyfunc_model(
+                module.model,
+                tokenizer=result["tokenizer"],
+                registered_model_name=cfg.mlflow.registered_model,
+            )
+            info["model_uri"] = model_info.model_uri
+            info["registered_model"] = cfg.mlflow.registered_model
+            info["registered_version"] = model_info.registered_model_version
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m clip_model.train",
+        description="Contrastive pretraining of clip_model on a storage dataset (see docstring).",
+    )
+    parser.add_argument("--config", help="YAML file of TrainConfig keys")
+    parser.add_argument("overrides", nargs="*", help="key=value (YAML value), dotted for nested")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after tokenising
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

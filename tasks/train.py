@@ -1,0 +1,129 @@
+"""Tasks of the `train` flow: resolve the training config, run `clip_model.train` in a subprocess.
+
+Training never runs in the flow's own process: a DDP Trainer there would relaunch `sys.argv`, the
+flow itself (DESIGN.md, trap 5). One device runs `python -m clip_model.train`; N devices run it
+under `python -m torch.distributed.run --standalone --nproc_per_node N` (gloo on CPU, NCCL on
+GPU). The trainer's output is streamed into the Prefect log line by line, and its
+`final_metrics.json` is what the task returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import deque
+from typing import Any
+
+import yaml
+from prefect import get_run_logger, task
+from pydantic import BaseModel
+
+from clip_model.train import TrainConfig, load_config
+from storage.fs import atomic_write_bytes, filesystem, join
+
+__all__ = [
+    "TrainResult",
+    "launch_command",
+    "resolve_train_config",
+    "run_training",
+    "write_train_config",
+]
+
+
+class TrainResult(BaseModel):
+    """What a finished training run left behind (read from its final_metrics.json)."""
+
+    checkpoint: str | None
+    checkpoint_dir: str
+    out_dir: str
+    global_step: int
+    world_size: int
+    global_batch_size: int
+    metrics: dict[str, float]
+    data: dict[str, Any]
+    mlflow_run_id: str | None = None
+    model_uri: str | None = None
+    registered_model: str | None = None
+    registered_version: int | None = None
+
+
+@task(name="resolve-train-config")
+def resolve_train_config(
+    config: str | None, overrides: dict[str, Any], extra: list[str] | tuple = ()
+) -> TrainConfig:
+    """A config file (or defaults), then the flow's parameters, then `key=value` strings."""
+    items = [f"{k}={json.dumps(v)}" for k, v in overrides.items() if v is not None]
+    return load_config(config, [*items, *extra])  # ConfigError names the field at fault
+
+
+@task(name="write-train-config")
+def write_train_config(cfg: TrainConfig) -> str:
+    """The resolved config as `out_dir/train_config.yaml`: what the trainer subprocess reads."""
+    path = join(cfg.out_dir, "train_config.yaml")
+    atomic_write_bytes(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
+    return path
+
+
+def launch_command(cfg: TrainConfig, config_path: str) -> list[str]:
+    """The trainer's command line: one process, or torchrun with one process per device."""
+    if cfg.num_nodes > 1:
+        raise ValueError(
+            f"num_nodes={cfg.num_nodes}: a flow launches on its own machine only; start multi-node "
+            "runs with torchrun or srun on every node (see clip_model/train.py)"
+        )
+    trainer = ["-m", "clip_model.train", "--config", filesystem(config_path)[1]]
+    if isinstance(cfg.devices, int) and cfg.devices > 1:
+        if cfg.strategy != "ddp":
+            raise ValueError(f"devices={cfg.devices} needs strategy=ddp, got {cfg.strategy!r}")
+        launcher = [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={cfg.devices}",
+        ]
+        return [sys.executable, *launcher, *trainer]
+    return [sys.executable, *trainer]
+
+
+@task(name="run-training")
+def run_training(cfg: TrainConfig, config_path: str) -> TrainResult:
+    """Run the trainer to completion, streaming its output; its final metrics come back."""
+    logger = get_run_logger()
+    command = launch_command(cfg, config_path)
+    logger.info("launching: %s", " ".join(command))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
+    )
+    tail: deque[str] = deque(maxlen=40)
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line:
+            logger.info("trainer: %s", line)
+            tail.append(line)
+    rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"training exited with {rc}; its last lines:\n" + "\n".join(tail))
+    final = join(cfg.out_dir, "final_metrics.json")
+    fs, path = filesystem(final)
+    if not fs.exists(path):
+        raise RuntimeError(f"training exited cleanly but wrote no {final}")
+    with fs.open(path, "r") as f:
+        report = json.load(f)
+    tracked = report.get("mlflow") or {}
+    return TrainResult(
+        checkpoint=report["checkpoint"],
+        checkpoint_dir=report["checkpoint_dir"],
+        out_dir=cfg.out_dir,
+        global_step=report["global_step"],
+        world_size=report["world_size"],
+        global_batch_size=report["global_batch_size"],
+        metrics=report["metrics"],
+        data=report["data"],
+        mlflow_run_id=tracked.get("run_id"),
+        model_uri=tracked.get("model_uri"),
+        registered_model=tracked.get("registered_model"),
+        registered_version=tracked.get("registered_version"),
+    )
