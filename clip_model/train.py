@@ -73,6 +73,18 @@ class MLflowConfig(_Strict):
     registered_model: str | None = "clip"
 
 
+class EvalConfig(_Strict):
+    """Zero-shot evaluation during training (clip_model/eval_callback.py), logged to the run."""
+
+    suite: str  # an eval suite YAML (configs/eval/*.yaml)
+    root: str | None = None  # the suite's "{root}", e.g. the sample web's folder
+    every_n_steps: int = Field(500, gt=0)  # and once at the end
+    tasks: list[str] | None = None  # None: every task of the suite
+    max_images: int | None = Field(None, gt=0)  # per task: a quick subset
+    batch_size: int = Field(128, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 when training in bf16
+
+
 class TrainConfig(_Strict):
     """Everything a training run needs; `extra="forbid"`: an unknown key is an error."""
 
@@ -122,6 +134,7 @@ class TrainConfig(_Strict):
     resume: str | None = None  # a checkpoint path, or "auto": the newest in checkpoint_dir
     print_every_n_steps: int = Field(10, ge=0)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    eval: EvalConfig | None = None  # zero-shot evaluation every N steps (rank 0)
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -304,6 +317,12 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
     resume_path = _resolve_resume(cfg)
     L.seed_everything(cfg.seed, workers=False, verbose=False)
 
+    callbacks = list(callbacks)
+    if cfg.eval is not None:
+        from clip_model.eval_callback import ZeroShotEvalCallback
+
+        # the tokenizer comes from the DataModule at setup; a bad suite fails here, before training
+        callbacks.append(ZeroShotEvalCallback(**cfg.eval.model_dump()))
     checkpoint_cb = StepCheckpoint(
         cfg.checkpoints,
         every_n_steps=cfg.checkpoint.every_n_steps,

@@ -90,11 +90,7 @@ def clip_pipeline(profile: str = "tiny", config: PipelineConfig | None = None) -
             "ingest/success_rate": crawled.samples / crawled.rows,
             "curate/kept": curated.kept,
             "curate/removed": curated.input_samples - curated.kept,
-            **{
-                f"train/{k.split('/', 1)[-1]}": v
-                for k, v in trained.metrics.items()
-                if k.endswith("loss")
-            },
+            **{k: v for k, v in trained.metrics.items() if k.endswith("loss")},
             **mlflow_metrics(evaluated.metrics),
         }
         mlflow.log_metrics(headline)

@@ -20,7 +20,15 @@ from prefect import flow
 
 from storage import open_dataset
 from storage.tracking import log_dataset, stage_run, tracking_uri
-from tasks.train import TrainResult, resolve_train_config, run_training, write_train_config
+from tasks.train import (
+    TrainResult,
+    finished_training,
+    record_training,
+    resolve_train_config,
+    run_training,
+    training_key,
+    write_train_config,
+)
 
 
 @flow(name="train", log_prints=True)
@@ -58,6 +66,11 @@ def train(
         options["strategy"] = "ddp"
     cfg = resolve_train_config(config, options, settings or [])
     dataset = open_dataset(cfg.data)
+    key = training_key(cfg, dataset.digest)
+    done = finished_training(cfg, key)
+    if done is not None:
+        print(f"{cfg.out_dir} already holds this training ({key[:19]}); reusing {done.checkpoint}")
+        return done
     with stage_run("train", params=cfg.model_dump(mode="json")) as run:
         log_dataset(dataset, context="input")
         tracking = cfg.mlflow.model_copy(
@@ -67,6 +80,7 @@ def train(
         result = run_training(cfg, write_train_config(cfg))
         mlflow.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("val/")})
         mlflow.log_metric("global_step", result.global_step)
+        record_training(cfg, key, result)
     print(
         f"trained {result.global_step} steps ({result.world_size} x batch "
         f"{result.global_batch_size // result.world_size}); checkpoint {result.checkpoint}"

@@ -92,6 +92,8 @@ class PipelineConfig(_Section):
     def train_items(self, data: str) -> list[str]:
         """The training config overrides as `key=value` strings, data and out_dir included."""
         items = {"data": data, "out_dir": self.path("train"), **_dotted(self.train.settings)}
+        if "eval.suite" in items and "eval.root" not in items:  # evaluate on the sample web
+            items["eval.root"] = self.evaluate.root or self.sample_dir
         return [f"{k}={json.dumps(v)}" for k, v in items.items()]
 
 

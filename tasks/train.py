@@ -9,6 +9,7 @@ GPU). The trainer's output is streamed into the Prefect log line by line, and it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -25,6 +26,9 @@ from storage.fs import atomic_write_bytes, filesystem, join
 
 __all__ = [
     "TrainResult",
+    "finished_training",
+    "record_training",
+    "training_key",
     "launch_command",
     "resolve_train_config",
     "run_training",
@@ -47,6 +51,45 @@ class TrainResult(BaseModel):
     model_uri: str | None = None
     registered_model: str | None = None
     registered_version: int | None = None
+    skipped: bool = False  # True: an earlier run with the same config and data, reused
+
+
+DONE_FILE = "train_done.json"
+
+
+def training_key(cfg: TrainConfig, data_digest: str) -> str:
+    """What decides a training run's result: the resolved config (less where it is tracked and
+    how it resumes) and the input dataset's manifest digest. Not wall time, not paths of logs."""
+    spec = cfg.model_dump(
+        mode="json", exclude={"resume": True, "mlflow": {"parent_run_id", "tracking_uri"}}
+    )
+    blob = json.dumps({"config": spec, "data": data_digest}, sort_keys=True, default=str)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+@task(name="find-finished-training")
+def finished_training(cfg: TrainConfig, key: str) -> TrainResult | None:
+    """The result of an earlier run of this very training, if its checkpoint is still there."""
+    fs, path = filesystem(join(cfg.out_dir, DONE_FILE))
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        done = json.load(f)
+    result = TrainResult.model_validate(done["result"])
+    if (
+        done.get("key") != key
+        or not result.checkpoint
+        or not filesystem(result.checkpoint)[0].exists(filesystem(result.checkpoint)[1])
+    ):
+        return None
+    return result.model_copy(update={"skipped": True})
+
+
+@task(name="record-finished-training")
+def record_training(cfg: TrainConfig, key: str, result: TrainResult) -> None:
+    """Written last: from here on a rerun with the same key reuses this result."""
+    record = {"key": key, "result": result.model_dump(mode="json")}
+    atomic_write_bytes(join(cfg.out_dir, DONE_FILE), json.dumps(record, indent=2).encode())
 
 
 @task(name="resolve-train-config")
