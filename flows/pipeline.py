@@ -37,6 +37,7 @@ from tasks.pipeline import (
     summary_markdown,
     url_list_for,
     validate_stage_configs,
+    with_project_paths,
 )
 
 
@@ -55,7 +56,7 @@ class PipelineResult(BaseModel):
 def clip_pipeline(profile: str = "tiny", config: PipelineConfig | None = None) -> PipelineResult:
     """Run every stage for a profile name/path, or for an explicit `config`."""
     logger = get_run_logger()
-    cfg = config or load_profile(profile)
+    cfg = with_project_paths(config) if config is not None else load_profile(profile)
     validate_stage_configs(cfg)
     with stage_run(
         "pipeline", run_name=f"pipeline-{cfg.name}", params=cfg.model_dump(mode="json")

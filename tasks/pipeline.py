@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tasks.ingest import CrawlParams
 
-PROFILES = Path(__file__).resolve().parents[1] / "configs" / "pipeline"
+PROJECT = Path(__file__).resolve().parents[1]
+PROFILES = PROJECT / "configs" / "pipeline"
 
 
 class _Section(BaseModel):
@@ -136,12 +137,30 @@ def load_profile(profile: str, overrides: dict[str, Any] | None = None) -> Pipel
             node = node.setdefault(p, {})
         node[leaf] = value
     try:
-        return PipelineConfig.model_validate(data)
+        return with_project_paths(PipelineConfig.model_validate(data))
     except ValidationError as e:
         problems = "\n".join(
             f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()
         )
         raise ProfileError(f"{path}: invalid pipeline profile\n{problems}") from None
+
+
+def with_project_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """Config files named relative to the project folder (`configs/...`) are found from anywhere."""
+
+    def resolve(path: str | None) -> str | None:
+        if path is None or Path(path).is_absolute() or Path(path).exists():
+            return path
+        in_project = PROJECT / path
+        return str(in_project) if in_project.exists() else path
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.curate.filters = resolve(cfg.curate.filters)
+    cfg.train.config = resolve(cfg.train.config)
+    cfg.evaluate.suite = resolve(cfg.evaluate.suite)
+    if isinstance(cfg.train.settings.get("eval"), dict) and "suite" in cfg.train.settings["eval"]:
+        cfg.train.settings["eval"]["suite"] = resolve(cfg.train.settings["eval"]["suite"])
+    return cfg
 
 
 @task(name="validate-stage-configs")

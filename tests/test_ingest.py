@@ -19,6 +19,7 @@ import pytest
 from conftest import sample_crawl_params
 
 from storage import open_dataset
+from storage.tracking import tracking_uri
 from tasks.ingest import failure_reason
 from tasks.sample_web import OUTCOMES
 
@@ -74,7 +75,8 @@ def test_reasons_add_up_to_the_input_rows(crawled_sample, sample_web):
 
 
 def test_crawl_is_logged_to_mlflow(crawled_sample):
-    run = mlflow.get_run(crawled_sample.mlflow_run_id)
+    client = mlflow.MlflowClient(tracking_uri())
+    run = client.get_run(crawled_sample.mlflow_run_id)
     assert run.data.params["image_size"] == "64"
     assert run.data.metrics["count_http_404"] == crawled_sample.reasons["http_404"]
     assert run.data.metrics["success_rate"] == pytest.approx(
@@ -86,7 +88,7 @@ def test_crawl_is_logged_to_mlflow(crawled_sample):
     assert (
         tags["manifest_digest"] == crawled_sample.digest and tags["mlflow.data.context"] == "output"
     )
-    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "ingest_stats.json" in artifacts
 
 

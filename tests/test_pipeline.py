@@ -8,6 +8,7 @@ import socket
 import mlflow
 import pytest
 
+from storage.tracking import tracking_uri
 from tasks.pipeline import PipelineConfig, ProfileError, load_profile
 
 
@@ -35,7 +36,7 @@ def first_run(tmp_path_factory, prefect_harness, session_mlflow):
 
 
 def runs_of(parent_id: str) -> dict[str, mlflow.entities.Run]:
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri())
     parent = client.get_run(parent_id)
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
@@ -124,7 +125,9 @@ def test_failed_stage_marks_the_parent_failed_and_a_rerun_resumes_there(
     broken = micro(tmp_path, **{"train.settings.resume": str(tmp_path / "no-such.ckpt")})
     with pytest.raises(Exception, match="no-such.ckpt"):
         clip_pipeline(config=broken)
-    failed = mlflow.search_runs(filter_string="tags.stage = 'pipeline'", output_format="list")
+    client = mlflow.MlflowClient(mlflow_tmp)
+    experiment = client.get_experiment_by_name("clip-pipeline")
+    failed = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'pipeline'")
     assert [r.info.status for r in failed] == ["FAILED"]
     assert (tmp_path / "data" / "curate" / "micro" / "manifest.json").exists()  # kept
 
