@@ -26,10 +26,11 @@ from pydantic import BaseModel
 
 from flows.curate import curate
 from flows.evaluate import evaluate
-from flows.ingest import ingest
+from flows.ingest import ingest, print_summary
 from flows.train import train
 from storage.tracking import stage_run, tracking_uri
 from tasks.evaluate import format_results_table, mlflow_metrics
+from tasks.ingest import IngestResult
 from tasks.pipeline import (
     PipelineConfig,
     load_profile,
@@ -43,6 +44,7 @@ from tasks.pipeline import (
 
 class PipelineResult(BaseModel):
     name: str
+    crawl: IngestResult
     dataset: str
     curated: str
     checkpoint: str | None
@@ -109,6 +111,7 @@ def clip_pipeline(profile: str = "tiny", config: PipelineConfig | None = None) -
         logger.info("pipeline %s done; reused: %s", cfg.name, ", ".join(reused) or "nothing")
     return PipelineResult(
         name=cfg.name,
+        crawl=crawled,
         dataset=crawled.dataset,
         curated=curated.dataset,
         checkpoint=trained.checkpoint,
@@ -145,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides[key] = yaml.safe_load(value)
     cfg = load_profile(args.profile, overrides)
     result = clip_pipeline(profile=args.profile, config=cfg)
+    print_summary(result.crawl)
     print(f"\nZero-shot results of {result.checkpoint}:")
     print(format_results_table(result.metrics))
     print(f"\nReused stages: {', '.join(result.reused) or 'none'}")
