@@ -209,6 +209,12 @@ def _resolve_resume(cfg: TrainConfig) -> str | None:
     from storage.fs import exists
 
     if cfg.resume is None:
+        earlier = latest_checkpoint(cfg.checkpoints)
+        if earlier is not None:  # a fresh run here would prune the earlier run's checkpoints
+            raise ConfigError(
+                f"checkpoint_dir {cfg.checkpoints} already holds an earlier run's checkpoints "
+                f"(newest {earlier}): resume=auto continues that run; another out_dir starts afresh"
+            )
         return None
     if cfg.resume == "auto":
         return latest_checkpoint(cfg.checkpoints)

@@ -78,7 +78,9 @@ def clip_pipeline(profile: str = "tiny", config: PipelineConfig | None = None) -
             num_shards=cfg.curate.num_shards,
         )
         trained = train(
-            data=curated.dataset, config=cfg.train.config, settings=cfg.train_items(curated.dataset)
+            data=curated.dataset,
+            config=cfg.train.config,
+            settings=cfg.train_items(curated.dataset, curated.digest),
         )
         evaluated = evaluate(
             checkpoint=trained.checkpoint,

@@ -9,6 +9,7 @@ field, not an hour into training.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,9 +91,19 @@ class PipelineConfig(_Section):
     def sample_dir(self) -> str:
         return str(Path(self.data_root) / "sample_web")
 
-    def train_items(self, data: str) -> list[str]:
-        """The training config overrides as `key=value` strings, data and out_dir included."""
-        items = {"data": data, "out_dir": self.path("train"), **_dotted(self.train.settings)}
+    def train_items(self, data: str, data_digest: str = "") -> list[str]:
+        """The training config overrides as `key=value` strings, data and out_dir included.
+
+        Each (training section, input dataset) pair trains into its own folder, so a changed
+        parameter never overwrites or prunes the checkpoints of an earlier run.
+        """
+        section = json.dumps([self.train.model_dump(mode="json"), data_digest], sort_keys=True)
+        run = "run-" + hashlib.sha256(section.encode()).hexdigest()[:12]
+        items = {
+            "data": data,
+            "out_dir": f"{self.path('train')}/{run}",
+            **_dotted(self.train.settings),
+        }
         if "eval.suite" in items and "eval.root" not in items:  # evaluate on the sample web
             items["eval.root"] = self.evaluate.root or self.sample_dir
         return [f"{k}={json.dumps(v)}" for k, v in items.items()]

@@ -242,6 +242,18 @@ def test_a_missing_resume_checkpoint_is_an_error_not_a_fresh_start(tmp_path, sha
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_fresh_run_never_prunes_an_earlier_runs_checkpoints(tmp_path, shapes):
+    cfg = load_config(micro_config(tmp_path, shapes, max_steps=2))
+    earlier = Path(cfg.checkpoints) / "step-00000007.ckpt"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"an earlier run's weights")
+    with pytest.raises(
+        ConfigError, match=r"already holds an earlier run's checkpoints.*resume=auto"
+    ):
+        train(cfg)
+    assert earlier.read_bytes() == b"an earlier run's weights"
+
+
 # ---- training ---------------------------------------------------------------------------------
 
 
