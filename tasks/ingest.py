@@ -26,6 +26,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
+from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
@@ -60,6 +61,27 @@ class CrawlParams(BaseModel):
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
+
+
+def transient_failure(task, task_run, state) -> bool:
+    """Retry network and storage hiccups (a reset connection, an object store timing out), never
+    bad input: a missing file, a refused permission or a wrong column fails at once."""
+    try:
+        state.result()
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        return False
+    except (OSError, TimeoutError):
+        return True
+    except Exception:  # noqa: BLE001 - anything else is the input's fault or a bug
+        return False
+    return False
+
+
+NETWORK_RETRIES = {
+    "retries": 2,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=10),
+    "retry_condition_fn": transient_failure,
+}
 
 
 class UrlList(BaseModel):
@@ -111,7 +133,7 @@ def _read_table(path: str) -> pa.Table:
         raise ValueError(f"URL list {path!r}: unreadable as {kind} ({e})") from e
 
 
-@task(name="read-url-list")
+@task(name="read-url-list", **NETWORK_RETRIES)
 def read_url_list(path: str, output: str, params: CrawlParams) -> UrlList:
     """Validate the URL list and stage it as Parquet (url, caption, kept columns) for img2dataset."""
     _check_writable(output)
@@ -207,7 +229,7 @@ def _download_in_subprocess(kwargs: dict[str, Any], logger) -> None:
         raise RuntimeError(f"img2dataset exited with {rc}:\n" + "\n".join(tail))
 
 
-@task(name="crawl", log_prints=True)
+@task(name="crawl", log_prints=True, **NETWORK_RETRIES)
 def crawl(url_list: UrlList, output: str, params: CrawlParams) -> float:
     """Run img2dataset with a shard progress bar; returns the crawl's wall time in seconds.
 

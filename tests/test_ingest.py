@@ -269,3 +269,14 @@ def test_crawl_off_the_main_thread_runs_img2dataset_in_a_subprocess(tmp_path, sa
     assert not errors and not worker.is_alive()
     table = pq.read_table(tmp_path / "shards" / "00000.parquet")
     assert table.num_rows == 20 and (tmp_path / "shards" / "00000_stats.json").exists()
+
+
+def test_only_transient_failures_are_retried():
+    from prefect.states import Failed
+
+    from tasks.ingest import transient_failure
+
+    assert transient_failure(None, None, Failed(data=ConnectionResetError("reset by peer")))
+    assert transient_failure(None, None, Failed(data=TimeoutError("read timed out")))
+    assert not transient_failure(None, None, Failed(data=FileNotFoundError("urls.csv")))
+    assert not transient_failure(None, None, Failed(data=ValueError("no column 'url'")))
