@@ -514,6 +514,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     train(cfg)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # every rank waits for rank 0's MLflow logging, then the group is closed on all of them:
+        # a rank that exits with gloo still connected can abort (SIGABRT) while its peer works
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
