@@ -16,7 +16,7 @@ $(VENV): pyproject.toml
 	# torch==2.13.0 is pinned in pyproject.toml: pip takes the CPU wheel, not a CUDA build.
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# img2dataset drags in the `dataclasses` backport, which shadows the standard library on
-	# Python 3.11 and breaks pydantic inside Prefect's server (DESIGN.md, trap 1).
+	# Python 3.11 and breaks pydantic inside Prefect's server (docs/design.md, trap 1).
 	$(PY) -m pip uninstall --yes --quiet dataclasses || true
 	touch $(VENV)
 

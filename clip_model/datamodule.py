@@ -6,7 +6,7 @@ mid-epoch resume exact without replaying the epoch:
 - Every (rank, worker) pair is a *slot*: slot `s = rank * workers + role` reads its own shards
   (the shard list, shuffled per epoch, dealt out `shards[s::slots]`; with fewer shards than slots
   several slots read one shard and keep every k-th sample of it). Its stream repeats its shards
-  until the epoch is over, so a rank whose shards are small never runs dry (DESIGN.md, trap 7).
+  until the epoch is over, so a rank whose shards are small never runs dry (docs/design.md, trap 7).
 - The epoch length comes from the manifest (and the Parquet keys when a validation split is held
   out): `train_samples // (world_size * batch_size)` batches on every rank, however uneven the
   shards, so DDP never waits on a rank that has stopped.

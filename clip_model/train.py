@@ -279,7 +279,7 @@ def prepare_tokenizer(cfg: TrainConfig, dataset: Any, model_config: Any, rank: i
 def _mlflow_run(cfg: TrainConfig, tracking_uri: str) -> str:
     """A new MLflow run for this training, nested under the parent when one is given.
 
-    MLFlowLogger(run_id=...) terminates the run it is handed (DESIGN.md trap 6), so it always
+    MLFlowLogger(run_id=...) terminates the run it is handed (docs/design.md trap 6), so it always
     gets this child, never the caller's run.
     """
     import mlflow
@@ -374,7 +374,7 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
     if rank == 0:
         atomic_write_bytes(join(out, "config.yaml"), yaml.safe_dump(resolved).encode())
 
-    # MLflow: rank 0 only; the tracking URI always explicit (DESIGN.md trap 6)
+    # MLflow: rank 0 only; the tracking URI always explicit (docs/design.md trap 6)
     uri = cfg.mlflow.tracking_uri or tracking_uri()
     run_id = None
     if cfg.mlflow.enabled:

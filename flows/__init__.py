@@ -1,6 +1,6 @@
 """Prefect flows, one file per stage. Importing this package sets the stack's safe defaults.
 
-These must be set before prefect, mlflow or img2dataset are imported (DESIGN.md, known traps):
+These must be set before prefect, mlflow or img2dataset are imported (docs/design.md, known traps):
 no analytics or update checks over a network we do not have, and an explicit MLflow tracking URI
 because MLflow >= 3.13 refuses the old ./mlruns file store.
 """

@@ -1,4 +1,4 @@
-"""The one dataset format every stage reads and writes (DESIGN.md, "The dataset format").
+"""The one dataset format every stage reads and writes (docs/design.md, "The dataset format").
 
 A dataset is a folder or fsspec URL holding
 

@@ -1,6 +1,6 @@
 """MLflow helpers: one place that knows the tracking URI, run nesting and dataset lineage.
 
-Local runs need no server: the tracking URI defaults to a SQLite file (DESIGN.md, trap 6). A stage
+Local runs need no server: the tracking URI defaults to a SQLite file (docs/design.md, trap 6). A stage
 opened inside another run (the pipeline's parent run) becomes its nested child run.
 """
 

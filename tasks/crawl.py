@@ -1,6 +1,6 @@
 """Run img2dataset in a process's main thread: `python -m tasks.crawl CONFIG.json`.
 
-img2dataset installs a SIGINT handler, which Python allows only in the main thread (DESIGN.md,
+img2dataset installs a SIGINT handler, which Python allows only in the main thread (docs/design.md,
 trap 2), so the ingest task launches this module as a subprocess instead of calling it in a
 Prefect worker thread. CONFIG.json holds `img2dataset.download`'s keyword arguments.
 """

@@ -233,7 +233,7 @@ def _download_in_subprocess(kwargs: dict[str, Any], logger) -> None:
 def crawl(url_list: UrlList, output: str, params: CrawlParams) -> float:
     """Run img2dataset with a shard progress bar; returns the crawl's wall time in seconds.
 
-    img2dataset installs a SIGINT handler, which Python allows only in a main thread (DESIGN.md,
+    img2dataset installs a SIGINT handler, which Python allows only in a main thread (docs/design.md,
     trap 2): in the main thread (the CLI, a deployment's flow run) it runs here, with its prints
     in the task's logs; in any other thread it runs in a subprocess. Shards finished by an
     earlier, interrupted run are skipped by img2dataset's incremental mode.

@@ -1,7 +1,7 @@
 """Tasks of the `train` flow: resolve the training config, run `clip_model.train` in a subprocess.
 
 Training never runs in the flow's own process: a DDP Trainer there would relaunch `sys.argv`, the
-flow itself (DESIGN.md, trap 5). One device runs `python -m clip_model.train`; N devices run it
+flow itself (docs/design.md, trap 5). One device runs `python -m clip_model.train`; N devices run it
 under `python -m torch.distributed.run --standalone --nproc_per_node N` (gloo on CPU, NCCL on
 GPU). The trainer's output is streamed into the Prefect log line by line, and its
 `final_metrics.json` is what the task returns.
