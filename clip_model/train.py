@@ -35,170 +35,31 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
+
+from clip_model.train_config import (
+    CheckpointConfig,
+    ConfigError,
+    EvalConfig,
+    MLflowConfig,
+    TrainConfig,
+    check_hardware,
+    load_config,
 )
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "main", "train"]
-
-
-class ConfigError(ValueError):
-    """A training config that cannot be run; the message names the field and the file."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class CheckpointConfig(_Strict):
-    every_n_steps: int = Field(1000, gt=0)
-    keep_last: int = Field(3, gt=0)
-
-
-class MLflowConfig(_Strict):
-    enabled: bool = True
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI or sqlite:///mlflow.db
-    experiment: str = "clip-pipeline"
-    parent_run_id: str | None = None
-    run_name: str = "train"
-    log_model: bool = True  # the pyfunc model (and its registration)
-    registered_model: str | None = "clip"
-
-
-class EvalConfig(_Strict):
-    """Zero-shot evaluation during training (clip_model/eval_callback.py), logged to the run."""
-
-    suite: str  # an eval suite YAML (configs/eval/*.yaml)
-    root: str | None = None  # the suite's "{root}", e.g. the sample web's folder
-    every_n_steps: int = Field(500, gt=0)  # and once at the end
-    tasks: list[str] | None = None  # None: every task of the suite
-    max_images: int | None = Field(None, gt=0)  # per task: a quick subset
-    batch_size: int = Field(128, gt=0)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 when training in bf16
-
-
-class TrainConfig(_Strict):
-    """Everything a training run needs; `extra="forbid"`: an unknown key is an error."""
-
-    # data
-    data: str
-    val_data: str | None = None  # a separate validation dataset; else a hash split of `data`
-    val_fraction: float = Field(0.02, ge=0, lt=1)
-    val_max_samples: int = Field(1000, ge=0)
-    val_every_n_steps: int | None = Field(None, gt=0)  # None: every epoch; always at the end
-    workers: int = Field(4, ge=0)
-    shuffle_buffer: int = Field(1000, ge=1)
-    resampled: bool = False
-    # model and tokenizer
-    model: str = "tiny"  # a preset in configs/model or a YAML path
-    model_overrides: dict[str, Any] = Field(default_factory=dict)
-    tokenizer: str = "auto"  # auto (the preset's), openai, bpe (learnt on the captions), a path
-    tokenizer_vocab_size: int | None = Field(None, ge=258)  # bpe; default: the preset's
-    # optimisation
-    batch_size: int = Field(256, gt=0)  # per device
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.2, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.98, ge=0, lt=1)
-    eps: float = Field(1e-6, gt=0)
-    warmup_steps: int = Field(100, ge=0)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    max_steps: int | None = Field(None, gt=0)
-    max_epochs: int | None = Field(None, gt=0)
-    grad_clip_norm: float | None = Field(1.0, gt=0)
-    accumulate_grad_batches: int = Field(1, gt=0)
-    local_loss: bool = False
-    gather_with_grad: bool = True
-    grad_checkpointing: bool = False
-    precision: Literal["32", "32-true", "bf16-mixed", "16-mixed"] = "32"
-    # hardware
-    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
-    devices: int | Literal["auto"] = 1
-    num_nodes: int = Field(1, gt=0)
-    strategy: Literal["auto", "ddp"] = "auto"
-    cpu_threads: int | None = Field(None, gt=0)  # torch threads per rank; None: torch's default
-    # reproducibility, output, resume
-    seed: int = 0
-    deterministic: bool = False  # also deterministic kernels (the data order always is)
-    out_dir: str = "runs/train"
-    checkpoint_dir: str | None = None  # default: out_dir/checkpoints
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    resume: str | None = None  # a checkpoint path, or "auto": the newest in checkpoint_dir
-    print_every_n_steps: int = Field(10, ge=0)
-    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
-    eval: EvalConfig | None = None  # zero-shot evaluation every N steps (rank 0)
-
-    @field_validator("precision", mode="before")
-    @classmethod
-    def _precision_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int) else value  # YAML reads 32 as a number
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TrainConfig:
-        if (self.max_steps is None) == (self.max_epochs is None):
-            raise ValueError("set exactly one of max_steps and max_epochs")
-        if isinstance(self.devices, int) and self.devices < 1:
-            raise ValueError(f"devices={self.devices}: must be >= 1 or 'auto'")
-        if self.tokenizer not in ("auto", "openai", "bpe") and not Path(self.tokenizer).is_file():
-            raise ValueError(
-                f"tokenizer={self.tokenizer!r}: expected auto, openai, bpe or an existing "
-                "tokenizer JSON file"
-            )
-        if self.precision == "16-mixed" and self.accelerator == "cpu":
-            raise ValueError("precision=16-mixed needs a GPU; on a CPU use bf16-mixed")
-        return self
-
-    @property
-    def checkpoints(self) -> str:
-        return self.checkpoint_dir or f"{self.out_dir.rstrip('/')}/checkpoints"
-
-
-# ---- config loading -----------------------------------------------------------------------------
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key}=...: {part!r} is not a section")
-    node[leaf] = value
-
-
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
-    """A YAML file (or nothing) plus `key=value` overrides (YAML values), validated."""
-    data: dict[str, Any] = {}
-    source = str(path) if path else "overrides"
-    if path:
-        if not Path(path).is_file():
-            raise ConfigError(f"{path}: config file not found")
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys")
-        data = loaded
-    for item in overrides:
-        key, sep, value = item.removeprefix("--").partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        _set_dotted(data, key.replace("-", "_"), yaml.safe_load(value) if value else None)
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as error:
-        problems = []
-        for e in error.errors():
-            field = ".".join(str(p) for p in e["loc"]) or "config"
-            got = f" (got {e['input']!r})" if e["type"] != "missing" and "input" in e else ""
-            problems.append(f"  {field}: {e['msg']}{got}")
-        raise ConfigError(f"{source}: invalid training config\n" + "\n".join(problems)) from None
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "EvalConfig",
+    "MLflowConfig",
+    "TrainConfig",
+    "check_hardware",
+    "load_config",
+    "main",
+    "train",
+]
 
 
 # ---- the run --------------------------------------------------------------------------------------
@@ -317,6 +178,7 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
     started = time.time()
     # the train stream's __len__ is exact by construction (batches per rank from the manifest)
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+    check_hardware(cfg)
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     dataset = open_dataset(cfg.data)  # DatasetError naming the folder and what is wrong
@@ -510,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after tokenising
     try:
         cfg = load_config(args.config, args.overrides)
+        check_hardware(cfg)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

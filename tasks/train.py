@@ -21,7 +21,7 @@ import yaml
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from clip_model.train import TrainConfig, load_config
+from clip_model.train import TrainConfig, check_hardware, load_config
 from storage.fs import atomic_write_bytes, filesystem, join
 
 __all__ = [
@@ -98,7 +98,9 @@ def resolve_train_config(
 ) -> TrainConfig:
     """A config file (or defaults), then the flow's parameters, then `key=value` strings."""
     items = [f"{k}={json.dumps(v)}" for k, v in overrides.items() if v is not None]
-    return load_config(config, [*items, *extra])  # ConfigError names the field at fault
+    cfg = load_config(config, [*items, *extra])  # ConfigError names the field at fault
+    check_hardware(cfg)  # before anything starts: N CPU ranks nobody asked for are refused
+    return cfg
 
 
 @task(name="write-train-config")
