@@ -3,7 +3,7 @@ retrieval (images, captions per image).
 
 Three layouts, named by the `format` of an eval suite task:
 
-``sample``: the held-out set of the sample web (tasks/sample_web.py, DIR/eval/README.md)::
+``sample``: the held-out set of the sample web (tasks/sample_web/, DIR/eval/README.md)::
 
     <task>/<class name>/*.png      classification, one folder per class
     <task>/classnames.txt          class names in label order (= folder names); optional here

@@ -7,7 +7,7 @@
 #
 # It writes DIR/www (the served files), DIR/urls.parquet (url, caption, expected defect label),
 # DIR/expected.json (rows per label and the crawl outcome of each) and DIR/eval (the held-out
-# evaluation set, never crawled). See tasks/sample_web.py for the URL scheme and the defects.
+# evaluation set, never crawled). See tasks/sample_web/ for the URL scheme and the defects.
 from __future__ import annotations
 
 import argparse

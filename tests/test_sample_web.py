@@ -25,8 +25,6 @@ from tasks.sample_web import (
     DIGIT_WORDS,
     OUTCOMES,
     SHAPES,
-    _jpeg,
-    _rng,
     expected_crawl,
     generate_sample_web,
     load_digit_images,
@@ -36,6 +34,8 @@ from tasks.sample_web import (
     split_digits,
     write_url_list,
 )
+from tasks.sample_web.files import jpeg_bytes
+from tasks.sample_web.seeds import item_rng
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(n_scenes=100, n_digits=60, n_eval_per_class=4, n_retrieval=10)
@@ -285,15 +285,15 @@ def test_eval_images_are_never_crawled(web):
 
     # Re-encoding a crawled scene's pixels gives exactly its served bytes, so re-encoding each
     # (lossless) eval image the same way would find any eval image that is also crawled.
-    scene_0 = render_scene(sample_scene(_rng(0, "scene", 0)))
-    assert hashlib.sha256(_jpeg(scene_0)).hexdigest() in crawled
+    scene_0 = render_scene(sample_scene(item_rng(0, "scene", 0)))
+    assert hashlib.sha256(jpeg_bytes(scene_0)).hexdigest() in crawled
 
     eval_images = sorted((root / "eval").rglob("*.png"))
     assert len(eval_images) == 500 + 450 + 200 + 100
     for path in eval_images:
         assert hashlib.sha256(path.read_bytes()).hexdigest() not in crawled
         with Image.open(path) as im:
-            assert hashlib.sha256(_jpeg(im.convert("RGB"))).hexdigest() not in crawled, path
+            assert hashlib.sha256(jpeg_bytes(im.convert("RGB"))).hexdigest() not in crawled, path
 
     # Digits come from disjoint halves of scikit-learn's digits: no source image in both.
     _, targets = load_digit_images()
