@@ -15,6 +15,7 @@ import hashlib
 import os
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,9 +34,15 @@ class CheckpointError(ValueError):
     """A file or state dict that is not a CLIP checkpoint this library can load."""
 
 
+class TorchScriptRefused(CheckpointError):
+    """A TorchScript archive given without the opt-in: loading it would run its code."""
+
+
 def from_state_dict(
     sd_or_path: dict[str, Any] | str | os.PathLike,
     config: ModelConfig | str | dict | None = None,
+    *,
+    allow_torchscript: bool = False,
     **overrides: Any,
 ) -> CLIP:
     """A CLIP model in fp32 (eval mode) holding the weights of a state dict or checkpoint file.
@@ -45,7 +52,10 @@ def from_state_dict(
     trained with GELU.
     """
     source = str(sd_or_path) if isinstance(sd_or_path, str | os.PathLike) else "state dict"
-    obj = _read(Path(sd_or_path)) if isinstance(sd_or_path, str | os.PathLike) else sd_or_path
+    if isinstance(sd_or_path, str | os.PathLike):
+        obj = read_checkpoint(sd_or_path, allow_torchscript=allow_torchscript)
+    else:
+        obj = sd_or_path
     if not isinstance(obj, dict):
         raise CheckpointError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
     if config is None and isinstance(obj.get("model_config"), dict | ModelConfig):
@@ -149,33 +159,67 @@ def infer_config(state_dict: dict[str, torch.Tensor], source: str = "state dict"
 # ---- helpers ------------------------------------------------------------------------------
 
 
-def _read(path: Path) -> Any:
-    if not path.exists():
+TORCHSCRIPT_FLAG = "--allow-torchscript"  # the CLI flag every loading stage offers
+
+
+def read_checkpoint(
+    path: str | os.PathLike,
+    *,
+    allow_torchscript: bool = False,
+    safe_globals: Sequence[Any] = (),
+) -> Any:
+    """What a checkpoint file holds, read as data, never code (docs/checkpoints.md).
+
+    `.safetensors` files are read with safetensors; everything else with
+    `torch.load(weights_only=True)`, which only rebuilds tensors, containers and primitive types
+    (plus the classes in `safe_globals`, e.g. the few a Lightning checkpoint needs). A TorchScript
+    archive (OpenAI's released .pt files are TorchScript) runs the code it carries as it loads,
+    so it is refused unless the caller opts in with `allow_torchscript=True`; it then yields the
+    archive's state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise CheckpointError(f"{path}: reading .safetensors needs `safetensors`") from None
-
-        return load_file(str(path))
-    if _is_torchscript(path):  # OpenAI's released .pt files are TorchScript archives
+        return _read_safetensors(path)
+    if _is_torchscript(path):
+        if not allow_torchscript:
+            raise TorchScriptRefused(
+                f"{path} is a TorchScript archive (as OpenAI's released .pt files are): loading "
+                "one runs the code it carries. Load it only from a source you trust, with "
+                f"{TORCHSCRIPT_FLAG} (`allow_torchscript: true` in a curation filter spec, "
+                "allow_torchscript=True in Python)"
+            )
         with warnings.catch_warnings():  # torch.jit is deprecated, but it is how they ship
-            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore")
             return torch.jit.load(str(path), map_location="cpu").state_dict()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - name the file and why it was refused
         raise CheckpointError(
             f"{path}: not loadable as a weights-only torch checkpoint ({error})"
         ) from None
 
 
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:  # a declared dependency; only a broken install lacks it
+        raise CheckpointError(f"{path}: reading .safetensors needs `safetensors`") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as error:  # noqa: BLE001 - name the file and why it was refused
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+
+
 def _is_torchscript(path: Path) -> bool:
+    """A zip holding `<archive>/constants.pkl`, as torch.jit.save writes (and torch.load's own
+    check looks for)."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+        return any(name.endswith("constants.pkl") for name in archive.namelist())
 
 
 def _clean(obj: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
@@ -267,7 +311,10 @@ def model_digest(model: CLIP, tokenizer: Any = None) -> str:
 
 
 def load_clip(
-    checkpoint: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None
+    checkpoint: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    allow_torchscript: bool = False,
 ) -> LoadedClip:
     """A checkpoint with its tokenizer: this project's (a training run's `step-N.ckpt` or an
     exported `{"state_dict", "model_config"}` file), OpenAI's or OpenCLIP's.
@@ -277,7 +324,7 @@ def load_clip(
     its `checkpoints/`).
     """
     path = Path(checkpoint).resolve()
-    model = from_state_dict(path)
+    model = from_state_dict(path, allow_torchscript=allow_torchscript)
     config = model.config
     if tokenizer is None and config.tokenizer != "openai":
         candidates = [path.with_name(TOKENIZER_FILE), path.parent.parent / TOKENIZER_FILE]

@@ -62,13 +62,14 @@ def evaluate(
     batch_size: int = 128,
     device: str = "auto",
     num_workers: int = 0,
+    allow_torchscript: bool = False,
 ) -> EvaluateResult:
     """Evaluate the CLIP in `checkpoint` on the suite YAML `suite` (its "{root}" = `root`)."""
     logger = get_run_logger()
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     eval_suite = load_eval_suite(suite, root, tasks)  # bad suite or data: fails before any work
-    clip = load_model(checkpoint, tokenizer)
+    clip = load_model(checkpoint, tokenizer, allow_torchscript)
     checkpoint_sha256 = file_sha256(checkpoint)
     tokenizer_file = getattr(clip.tokenizer, "path", None)
     identity = {
@@ -156,6 +157,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0, ...")
     p.add_argument("--workers", dest="num_workers", type=int, default=0, help="image loaders")
+    p.add_argument(
+        "--allow-torchscript",
+        action="store_true",
+        help="load a TorchScript checkpoint (OpenAI's .pt releases): it runs the file's code",
+    )
     return p.parse_args(argv)
 
 

@@ -39,11 +39,12 @@ def index(
     dtype: str = "float32",
     precision: str = "fp32",
     device: str = "cpu",
+    allow_torchscript: bool = False,
 ) -> IndexResult:
     """Embed the dataset `data` with the model in `checkpoint` into the index folder `output`."""
     logger = get_run_logger()
     choose_spec(1, kind=kind)  # refuse an unknown kind before any work
-    clip = load_clip(checkpoint)
+    clip = load_clip(checkpoint, allow_torchscript=allow_torchscript)
     dataset = open_dataset(data)
     params = {
         "checkpoint": checkpoint,
@@ -123,6 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--allow-torchscript",
+        action="store_true",
+        help="load a TorchScript checkpoint (OpenAI's .pt releases): it runs the file's code",
+    )
     return p.parse_args(argv)
 
 

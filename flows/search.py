@@ -17,6 +17,7 @@ import argparse
 import logging
 import sys
 
+from clip_model.checkpoint import CheckpointError
 from storage.embeddings import IndexFormatError
 from tasks.search import Hit, SearchError, SearchIndex, create_app
 
@@ -41,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-k", type=int, default=10, help="results (more than the index: all of them)")
     p.add_argument("--checkpoint", help="the index's model, if not at the path it recorded")
     p.add_argument("--data", help="the dataset, if it moved since the index was built")
+    p.add_argument(
+        "--allow-torchscript",
+        action="store_true",
+        help="load a TorchScript checkpoint (OpenAI's .pt releases): it runs the file's code",
+    )
     p.add_argument("--serve", action="store_true", help="serve the search page instead")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -54,8 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        index = SearchIndex.open(args.index, checkpoint=args.checkpoint, data=args.data)
-    except (IndexFormatError, FileNotFoundError) as e:  # a mismatched model is one of these
+        index = SearchIndex.open(
+            args.index,
+            checkpoint=args.checkpoint,
+            data=args.data,
+            allow_torchscript=args.allow_torchscript,
+        )
+    except (IndexFormatError, FileNotFoundError, CheckpointError) as e:  # a mismatched model too
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.serve:

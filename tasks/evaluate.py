@@ -31,7 +31,7 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from clip_model.checkpoint import CheckpointError, LoadedClip, load_clip
+from clip_model.checkpoint import CheckpointError, LoadedClip, TorchScriptRefused, load_clip
 from clip_model.eval_callback import loggable_metrics, quick_suite
 from clip_model.eval_data import (
     read_classification,
@@ -88,15 +88,18 @@ class EvaluateResult(BaseModel):
 
 
 @task(name="load-model", cache_policy=NONE)
-def load_model(checkpoint: str, tokenizer: str | None = None) -> LoadedClip:
+def load_model(
+    checkpoint: str, tokenizer: str | None = None, allow_torchscript: bool = False
+) -> LoadedClip:
     """The CLIP in `checkpoint` with its tokenizer; CheckpointError naming the file if it is not
-    a CLIP checkpoint (this project's step-N.ckpt or export, OpenAI's or OpenCLIP's weights)."""
+    a CLIP checkpoint (this project's step-N.ckpt or export, OpenAI's or OpenCLIP's weights).
+    A TorchScript archive loads only with `allow_torchscript` (it runs code as it loads)."""
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     try:
-        return load_clip(checkpoint, tokenizer=tokenizer)
-    except FileNotFoundError:
-        raise  # a missing tokenizer: the message names the folders searched
+        return load_clip(checkpoint, tokenizer=tokenizer, allow_torchscript=allow_torchscript)
+    except (FileNotFoundError, TorchScriptRefused):
+        raise  # a missing tokenizer, an unsafe file: the message names the file and the way out
     except ValueError as error:
         if not isinstance(error, CheckpointError):
             raise  # e.g. a tokenizer with more ids than the model: the message says so

@@ -231,11 +231,13 @@ class SearchIndex:
         clip: LoadedClip | None = None,
         checkpoint: str | Path | None = None,
         data: str | None = None,
+        allow_torchscript: bool = False,
     ) -> SearchIndex:
         """Open `url`; the model is `clip`, else `checkpoint`, else the one the index names.
 
         ModelMismatchError if that model is not the one whose embeddings the index holds.
         `data` points at the dataset when it moved since the index was built (thumbnails).
+        A TorchScript checkpoint loads only with `allow_torchscript` (it runs code as it loads).
         """
         url = str(url).rstrip("/")
         manifest = EmbeddingStore(url).manifest()
@@ -252,7 +254,7 @@ class SearchIndex:
                     f"{url} was built with the checkpoint {source}, which is not there; pass the "
                     "same model with --checkpoint"
                 )
-            clip = load_clip(source)
+            clip = load_clip(source, allow_torchscript=allow_torchscript)
         if clip.model_id != manifest.model.model_id:
             raise ModelMismatchError(
                 f"{url} was built with model {manifest.model.model_id[:23]} "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import warnings
 from pathlib import Path
 
 import pytest
@@ -101,21 +100,6 @@ def test_openclip_training_checkpoint_with_ddp_and_compile_prefixes_loads(tmp_pa
     with torch.no_grad():
         features = model.encode_text(inputs["text"])
     torch.testing.assert_close(features, expected["text_features"], atol=1e-5, rtol=0)
-
-
-def test_torchscript_archive_as_openai_releases_it_loads(tmp_path):
-    base, config, inputs, expected = fixture("vit_tiny")
-    model = from_state_dict(base / "state_dict.pt", config=config)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit is deprecated; tracer warnings
-        half = copy.deepcopy(model).half()
-        traced = torch.jit.trace(half, (inputs["images"].half(), inputs["text"]), check_trace=False)
-        torch.jit.save(traced, tmp_path / "ViT-tiny.pt")
-    loaded = from_state_dict(tmp_path / "ViT-tiny.pt", config=config)
-    assert loaded.dtype == torch.float32
-    with torch.no_grad():
-        features = loaded.encode_image(inputs["images"])
-    torch.testing.assert_close(features, expected["image_features"], atol=1e-5, rtol=0)
 
 
 def test_to_state_dict_round_trips_through_compile_and_our_checkpoint_file(tmp_path):

@@ -50,11 +50,15 @@ class ClipScorer:
         tokenizer = cfg.tokenizer
         if cfg.checkpoint is not None and cfg.model is None:
             # this project's checkpoint finds its own tokenizer; OpenAI/OpenCLIP use OpenAI's
-            clip = load_clip(cfg.checkpoint, tokenizer=cfg.tokenizer)
+            clip = load_clip(
+                cfg.checkpoint, tokenizer=cfg.tokenizer, allow_torchscript=cfg.allow_torchscript
+            )
             self.model = clip.model
             tokenizer = str(getattr(clip.tokenizer, "path", None) or "openai")
         elif cfg.checkpoint is not None:
-            self.model = from_state_dict(cfg.checkpoint, config=cfg.model)
+            self.model = from_state_dict(
+                cfg.checkpoint, config=cfg.model, allow_torchscript=cfg.allow_torchscript
+            )
         else:
             name = cfg.model or "tiny"
             log.warning("clip_score: no checkpoint; %r has RANDOM weights (benchmarks only)", name)

@@ -141,6 +141,10 @@ class ClipScore(_Filter):
         None,
         description="'openai' or a trained tokenizer file (default openai if the model uses it)",
     )
+    allow_torchscript: bool = Field(
+        False,
+        description="load a TorchScript checkpoint (OpenAI's .pt releases): it runs the file's code",
+    )
     top_fraction: float | None = Field(None, gt=0.0, le=1.0, description="keep the best fraction")
     threshold: float | None = Field(None, ge=-1.0, le=1.0, description="keep score >= threshold")
     batch_size: int = Field(256, ge=1)
