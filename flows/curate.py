@@ -19,9 +19,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from storage import open_dataset
+from storage.output import preflight
 from storage.tracking import log_dataset, stage_run
 from tasks.curate import (
     CurateResult,
+    curation_inputs,
     curation_parameters,
     existing_output,
     filter_table,
@@ -30,7 +32,7 @@ from tasks.curate import (
     select,
     write,
 )
-from tasks.curation.run import REJECTED_NAME
+from tasks.curation.run import REJECTED_NAME, curation_identity
 from tasks.curation.spec import FilterSpec, load_filter_spec, parse_filter_spec
 
 
@@ -59,6 +61,15 @@ def curate(
         spec = FilterSpec.model_validate({**spec.model_dump(), "num_shards": num_shards})
     ds, bad_shards = load_input(input)
     parameters = curation_parameters(spec)
+    # an output aliasing an input, or holding anything but this curation, fails now, not after
+    # the selection (docs/stage-outputs.md)
+    preflight(
+        output,
+        stage="curate",
+        inputs=curation_inputs(ds.url, spec),
+        identity=curation_identity(ds.digest, parameters),
+        force=force,
+    )
     done = None if force else existing_output(output, ds.digest, parameters)
     if done is not None:
         logger.info("%s already holds this curation (%s); nothing to do", output, done.digest)
@@ -74,7 +85,7 @@ def curate(
     with stage_run("curate", params={"input": input, "output": output, **parameters}) as run:
         log_dataset(ds, context="input")
         sel = select(ds, spec, bad_shards, workers, progress)
-        manifest = write(ds, sel, output, spec, parameters, bad_shards, progress)
+        manifest = write(ds, sel, output, spec, parameters, bad_shards, progress, force)
         out = open_dataset(output)
         log_dataset(out, context="output")
         publish_report(sel, out)
@@ -104,7 +115,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--num-shards", type=int, help="output shards (default: the spec's)")
     p.add_argument("--workers", type=int, default=0, help="image decoding processes (0: inline)")
-    p.add_argument("--force", action="store_true", help="redo even if the output is up to date")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="redo even if the output is up to date, replacing whatever OUTPUT holds",
+    )
     return p.parse_args(argv)
 
 

@@ -245,7 +245,9 @@ def write_manifest(
 
 
 class DatasetWriter:
-    """Writes samples into committed shards of `samples_per_shard`, then the manifest.
+    """Writes samples into committed shards of `samples_per_shard`, then the manifest, into a
+    folder that holds no dataset yet: a stage's `stage_output(...).staging` (storage/output.py),
+    which is swapped into place once complete, or a fresh folder of a test or a benchmark.
 
         with DatasetWriter(out, stage="curate", parameters=spec) as w:
             w.write(key, jpeg_bytes, caption, meta={...}, row={...})
@@ -278,9 +280,13 @@ class DatasetWriter:
         self._keys: set[str] = set()
         fs, root = filesystem(self.url)
         fs.makedirs(root, exist_ok=True)
-        manifest_path = filesystem(join(self.url, MANIFEST_NAME))[1]
-        if fs.exists(manifest_path):
-            fs.rm(manifest_path)  # the old dataset is being replaced: never leave it looking whole
+        if fs.exists(filesystem(join(self.url, MANIFEST_NAME))[1]):
+            # one way to replace a dataset: write the new one into a staging folder and swap it
+            # in whole (storage.output.stage_output), never shard by shard over the old one
+            raise DatasetError(
+                f"{self.url}: already holds a dataset ({MANIFEST_NAME}); write the new version "
+                "through storage.output.stage_output (a staging folder swapped in when complete)"
+            )
 
     def __enter__(self) -> DatasetWriter:
         return self

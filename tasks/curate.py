@@ -28,6 +28,7 @@ from tasks.curation.spec import FilterSpec
 
 __all__ = [
     "CurateResult",
+    "curation_inputs",
     "curation_parameters",
     "existing_output",
     "filter_table",
@@ -47,6 +48,13 @@ class CurateResult(BaseModel):
     rejected: str
     mlflow_run_id: str | None = None
     skipped: bool = False
+
+
+def curation_inputs(input_url: str, spec: FilterSpec) -> list[str]:
+    """Everything curation reads: the input dataset and the evaluation folders it decontaminates
+    against (the output may alias none of them, docs/stage-outputs.md)."""
+    near = spec.get("near_duplicates")
+    return [input_url, *(near.eval_dirs if near is not None else [])]
 
 
 def curation_parameters(spec: FilterSpec) -> dict[str, Any]:
@@ -89,6 +97,7 @@ def write(
     parameters: dict[str, Any],
     bad_shards: dict[str, str],
     progress: bool,
+    force: bool = False,
 ) -> Manifest:
     """Reshard the kept samples into `spec.num_shards` even shards; write rejected.parquet."""
     return write_curated(
@@ -100,6 +109,8 @@ def write(
         bad_shards=bad_shards,
         progress=progress,
         log=get_run_logger().info,
+        force=force,
+        inputs=curation_inputs(ds.url, spec)[1:],
     )
 
 

@@ -81,12 +81,12 @@ def test_interrupted_writer_leaves_no_manifest(tmp_path):
         open_dataset(url)
 
 
-def test_rewriting_a_dataset_removes_its_old_manifest_first(tmp_path):
+def test_writer_never_writes_over_a_dataset(tmp_path):
     url = str(tmp_path / "ds")
-    write_dataset(url)
-    DatasetWriter(url, stage="test")  # opened, never closed: a crash right after starting
-    with pytest.raises(DatasetError, match="no manifest.json"):
-        open_dataset(url)
+    manifest = write_dataset(url)
+    with pytest.raises(DatasetError, match=r"already holds a dataset.*stage_output"):
+        DatasetWriter(url, stage="test")
+    assert open_dataset(url, verify=True).digest == manifest.digest  # untouched
 
 
 def test_truncated_tar_is_named(tmp_path):

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +24,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from storage import Dataset, DatasetError, DatasetWriter, Manifest, open_dataset, read_shard
+from storage import (
+    MANIFEST_NAME,
+    Dataset,
+    DatasetError,
+    DatasetWriter,
+    Manifest,
+    open_dataset,
+    read_shard,
+    stage_output,
+)
 from storage.fs import atomic_open, exists, filesystem, join, sha256_file
 from tasks.curation.filters import (
     COLUMNS,
@@ -53,7 +61,6 @@ REJECTED_NAME = "rejected.parquet"
 UNDECODABLE = "undecodable"
 STAGE = "curate"
 _INTERNAL = ("shard", "_phash", "_thumb")
-_SHARD_FILE = re.compile(r"^\d{5,}\.(tar|parquet)$")
 
 log = logging.getLogger(__name__)
 Log = Callable[[str], None]
@@ -283,12 +290,53 @@ def write_curated(
     bad_shards: dict[str, str] | None = None,
     progress: bool = True,
     log: Log = log.info,
+    force: bool = False,
+    inputs: Sequence[str] = (),
 ) -> Manifest:
-    """Reshard the kept samples into evenly sized shards, then `rejected.parquet`, then the manifest
-    (last: a run killed before it leaves no dataset that looks complete)."""
+    """Reshard the kept samples into evenly sized shards, then `rejected.parquet`, then the manifest,
+    into a staging folder swapped in whole when complete (docs/stage-outputs.md): an output that
+    aliases the input (or `inputs`), or holds anything but this curation, is refused (unless
+    `force`), and a run killed before the swap leaves the output as it was."""
     output = str(output).rstrip("/")
-    if filesystem(output)[1].rstrip("/") == filesystem(ds.url)[1].rstrip("/"):
-        raise ValueError(f"output {output} is the input dataset; curation writes a new one")
+    with stage_output(
+        output,
+        stage=STAGE,
+        inputs=[ds.url, *inputs],
+        identity=curation_identity(ds.digest, parameters),
+        force=force,
+        seal=MANIFEST_NAME,
+        info=log,
+    ) as out:
+        if out.done:
+            return open_dataset(output).manifest
+        manifest = _write_curated(
+            ds, sel, out.staging, num_shards=num_shards, parameters=parameters,
+            bad_shards=bad_shards, progress=progress, log=log,
+        )  # fmt: skip
+        out.commit()
+    log(
+        f"wrote {output}: {manifest.total_samples} samples in {len(manifest.shards)} shards, "
+        f"{manifest.stats.get('rejected', 0)} rejected"
+    )
+    return manifest
+
+
+def curation_identity(input_digest: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """What decides a curated output: the input's digest and the curation parameters."""
+    return {"input_digest": input_digest, "parameters": _normal(parameters)}
+
+
+def _write_curated(
+    ds: Dataset,
+    sel: Selection,
+    output: str,
+    *,
+    num_shards: int,
+    parameters: dict[str, Any],
+    bad_shards: dict[str, str] | None,
+    progress: bool,
+    log: Log,
+) -> Manifest:
     kept = sel.kept
     n_kept = int(kept.sum())
     sizes = shard_sizes(n_kept, num_shards)
@@ -342,15 +390,4 @@ def write_curated(
     manifest = writer.manifest
     assert manifest.total_samples == n_kept
     assert [s.num_samples for s in manifest.shards] == sizes, "shards are not evenly sized"
-    _remove_stale_shards(output, {s.name for s in manifest.shards})
-    log(f"wrote {output}: {n_kept} samples in {len(sizes)} shards, {rejected.num_rows} rejected")
     return manifest
-
-
-def _remove_stale_shards(output: str, current: set[str]) -> None:
-    """Shard files a previous, larger run left in the output folder (not in the new manifest)."""
-    fs, root = filesystem(output)
-    for path in fs.ls(root, detail=False):
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if _SHARD_FILE.match(name) and name.split(".")[0] not in current:
-            fs.rm(path)
