@@ -18,6 +18,8 @@ does, which is cheaper but not the exact global gradient.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -107,3 +109,118 @@ class ClipLoss(nn.Module):
         loss_image = F.cross_entropy(logits_per_image.float(), labels)
         loss_text = F.cross_entropy(logits_per_text.float(), labels)
         return (loss_image + loss_text) / 2
+
+
+# ---- SigLIP ---------------------------------------------------------------------------------
+
+
+def _exchange(
+    tensor: torch.Tensor, *, send_to: list[int], recv_from: list[int]
+) -> list[torch.Tensor]:
+    """Send `tensor` to each rank of `send_to` and receive one tensor like it from each of
+    `recv_from`, all at once (point-to-point, so no rank holds more than its neighbours' chunks)."""
+    tensor = tensor.contiguous()
+    received = [torch.empty_like(tensor) for _ in recv_from]
+    ops = [dist.P2POp(dist.isend, tensor, peer) for peer in send_to]
+    ops += [
+        dist.P2POp(dist.irecv, buf, peer) for buf, peer in zip(received, recv_from, strict=True)
+    ]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+class _NeighbourExchange(torch.autograd.Function):
+    """Features from the rank on one side; their gradient goes back the way they came."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, send_to: int, recv_from: int) -> torch.Tensor:
+        ctx.send_to, ctx.recv_from = send_to, recv_from
+        return _exchange(tensor, send_to=[send_to], recv_from=[recv_from])[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _NeighbourExchange.apply(grad, ctx.recv_from, ctx.send_to), None, None
+
+
+class _BidirectionalExchange(torch.autograd.Function):
+    """(from the left, from the right) in one round of messages, with the gradient's way back."""
+
+    @staticmethod
+    def forward(ctx, to_left: torch.Tensor, to_right: torch.Tensor, left: int, right: int):
+        ctx.left, ctx.right = left, right
+        from_left, from_right = torch.empty_like(to_right), torch.empty_like(to_left)
+        ops = [
+            dist.P2POp(dist.isend, to_left.contiguous(), left),
+            dist.P2POp(dist.isend, to_right.contiguous(), right),
+            dist.P2POp(dist.irecv, from_left, left),
+            dist.P2POp(dist.irecv, from_right, right),
+        ]
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+        return from_left, from_right
+
+    @staticmethod
+    def backward(ctx, grad_from_left: torch.Tensor, grad_from_right: torch.Tensor):
+        # what came from the left goes back left, and the left neighbour's gradient for the
+        # chunk it sent right comes from us: the same exchange with the gradients
+        to_left, to_right = _BidirectionalExchange.apply(
+            grad_from_left, grad_from_right, ctx.left, ctx.right
+        )
+        return to_left, to_right, None, None
+
+
+class SigLipLoss(nn.Module):
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image
+    Pre-Training", https://arxiv.org/abs/2303.15343), with its learnable bias.
+
+    loss = -1/n sum_ij log sigmoid(z_ij (t x_i.y_j + b)), z_ii = 1 and z_ij = -1 otherwise, n the
+    images of this rank. Every pair is an independent binary problem, so no softmax needs the whole
+    global batch at once: each rank scores its images against its own texts, then against the
+    texts of the other ranks passed round a ring in chunks (both ways at once, the paper's
+    "chunked" implementation, as OpenCLIP's `SigLipLoss(dist_impl="bidir")`). Each rank's loss
+    sums its images' rows; their mean over ranks (what DDP's gradient averaging optimises) is the
+    single-process loss over the global batch. The exchange carries gradients back to the owner
+    of each text chunk. Init as the paper: t = exp(logit_scale) = 10, b = -10.
+    """
+
+    INIT_LOGIT_SCALE = math.log(10.0)
+    INIT_LOGIT_BIAS = -10.0
+
+    def __init__(self):
+        super().__init__()
+        self.logit_bias = nn.Parameter(torch.tensor(self.INIT_LOGIT_BIAS))
+
+    def _pairs(
+        self, images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor, positives: bool
+    ) -> torch.Tensor:
+        logits = (logit_scale * images @ texts.T + self.logit_bias).float()
+        signs = -torch.ones_like(logits)
+        if positives:
+            signs.fill_diagonal_(1.0)
+        return -F.logsigmoid(signs * logits).sum()
+
+    def forward(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+    ) -> torch.Tensor:
+        if image_features.shape != text_features.shape:
+            raise ValueError(
+                f"image_features {list(image_features.shape)} and text_features "
+                f"{list(text_features.shape)} must have the same shape [N, D]"
+            )
+        n = image_features.shape[0]
+        total = self._pairs(image_features, text_features, logit_scale, positives=True)
+        rank, world_size = _world()
+        if world_size > 1:
+            left, right = (rank - 1) % world_size, (rank + 1) % world_size
+            to_left = to_right = text_features
+            rounds, odd = divmod(world_size - 1, 2)
+            for _ in range(rounds):  # each round brings the next chunk from either side
+                from_left, from_right = _BidirectionalExchange.apply(to_left, to_right, left, right)
+                for chunk in (from_left, from_right):
+                    total = total + self._pairs(image_features, chunk, logit_scale, False)
+                to_left, to_right = from_right, from_left  # passed on round the ring
+            if odd:  # an even world: the one chunk left is opposite, reached from one side
+                chunk = _NeighbourExchange.apply(to_right, right, left)
+                total = total + self._pairs(image_features, chunk, logit_scale, False)
+        return total / n

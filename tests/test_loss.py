@@ -1,7 +1,9 @@
-"""ClipLoss: the symmetric InfoNCE of the paper, and its exact distributed form on 2 CPU ranks."""
+"""ClipLoss (the paper's symmetric InfoNCE) and SigLipLoss, each against its exact distributed form
+on CPU ranks (gloo, no Trainer: docs/design.md, trap 5)."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from clip_model import create_model
-from clip_model.loss import ClipLoss
+from clip_model.loss import ClipLoss, SigLipLoss
 
 WORLD_SIZE, LOCAL_BATCH = 2, 4
 MODEL = dict(  # a small ViT: no BatchNorm, so splitting the batch changes nothing but the loss
@@ -33,9 +35,9 @@ MODEL = dict(  # a small ViT: no BatchNorm, so splitting the batch changes nothi
 )
 
 
-def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+def global_batch(world_size: int = WORLD_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    n = WORLD_SIZE * LOCAL_BATCH
+    n = world_size * LOCAL_BATCH
     images = torch.randn(n, 3, 16, 16, generator=g)
     text = torch.randint(1, 48, (n, 8), generator=g)
     text[:, 5] = 49  # [EOS], the highest id
@@ -126,7 +128,84 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_rank_results,
         assert result["grads"].keys() == dict(model.named_parameters()).keys()
         for name, parameter in model.named_parameters():
             torch.testing.assert_close(
-                result["grads"][name], parameter.grad, atol=1e-5, rtol=0, msg=f"rank {rank} {name}"
+                result["grads"][name],
+                parameter.grad,
+                atol=1e-5,
+                rtol=1e-5,
+                msg=f"rank {rank} {name}",
             )
     if local_loss:  # each rank's own rows: different losses whose mean is the global one
         assert two_rank_results[0][True]["loss"] != two_rank_results[1][True]["loss"]
+
+
+# ---- SigLIP ---------------------------------------------------------------------------------
+
+
+def siglip_reference(images, texts, scale, bias):
+    """The paper's loss written out over the whole batch: -1/n sum_ij log sigmoid(z_ij logit_ij)."""
+    logits = scale * images @ texts.T + bias
+    signs = 2 * torch.eye(len(images)) - 1
+    return -F.logsigmoid(signs * logits).sum() / len(images)
+
+
+def test_siglip_is_the_pairwise_sigmoid_loss_with_the_papers_init():
+    g = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    texts = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    loss_fn = SigLipLoss()
+    assert loss_fn.logit_bias.item() == -10.0 and math.exp(
+        SigLipLoss.INIT_LOGIT_SCALE
+    ) == pytest.approx(10.0)
+    scale = torch.tensor(10.0)
+    torch.testing.assert_close(
+        loss_fn(images, texts, scale), siglip_reference(images, texts, scale, -10.0)
+    )
+    with pytest.raises(ValueError, match=r"image_features \[3, 8\]"):
+        loss_fn(torch.zeros(3, 8), torch.zeros(4, 8), scale)
+
+
+def _siglip_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        images, text = global_batch(world_size)
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        model, loss_fn = fresh_model(), SigLipLoss()
+        loss = loss_fn(*model(images[rows], text[rows]))
+        loss.backward()
+        grads = {}
+        for name, p in [*model.named_parameters(), *loss_fn.named_parameters()]:
+            dist.all_reduce(p.grad)  # what DDP does: the mean of the ranks' gradients
+            grads[name] = p.grad / world_size
+        torch.save({"loss": loss.detach(), "grads": grads}, os.path.join(out_dir, f"r{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size", [2, 4], ids=["one-way", "both-ways-then-one-way"])
+def test_siglip_on_ranks_equals_one_process_on_the_concatenated_batch(tmp_path, world_size):
+    mp.spawn(
+        _siglip_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size, join=True
+    )
+    ranks = [torch.load(tmp_path / f"r{r}.pt") for r in range(world_size)]
+    model, loss_fn = fresh_model(), SigLipLoss()
+    image_features, text_features, scale = model(*global_batch(world_size))
+    expected = siglip_reference(image_features, text_features, scale, loss_fn.logit_bias)
+    torch.testing.assert_close(loss_fn(image_features, text_features, scale), expected)
+    # each rank sums its images' rows over every text, normalised by its own n: the mean over
+    # ranks is the loss over the global batch
+    mean = sum(r["loss"] for r in ranks) / world_size
+    torch.testing.assert_close(mean, expected.detach(), atol=1e-5, rtol=0)
+    expected.backward()
+    params = dict([*model.named_parameters(), *loss_fn.named_parameters()])
+    for rank, result in enumerate(ranks):
+        assert result["grads"].keys() == params.keys()
+        for name, parameter in params.items():
+            torch.testing.assert_close(
+                result["grads"][name],
+                parameter.grad,
+                atol=1e-5,
+                rtol=1e-5,
+                msg=f"rank {rank} {name}",
+            )
