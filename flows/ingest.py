@@ -4,7 +4,8 @@
 
 Every input row is accounted for: successes plus each failure reason equal the input rows, shown
 as a table (printed, and as a Prefect artifact), logged to MLflow, and kept per row in the shards'
-Parquet. Re-running the same command skips finished shards; a finished crawl is not redone.
+Parquet. Re-running the same command skips finished shards; a finished crawl is not redone. An
+OUTPUT holding anything else (another crawl, another list) is refused unless --force.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 
 from prefect import flow, get_run_logger
 
+from storage import MANIFEST_NAME, DatasetError, open_dataset, stage_output
 from storage.tracking import stage_run
 from tasks.ingest import (
     CrawlParams,
@@ -21,62 +23,94 @@ from tasks.ingest import (
     commit_shards,
     count_outcomes,
     crawl,
-    finished_dataset,
+    crawl_identity,
+    drop_crawl_state,
     publish_report,
     read_url_list,
     reason_table,
     seal_dataset,
+    url_list_digest,
 )
 
 
 @flow(name="ingest", flow_run_name="ingest-{output}", log_prints=True)
-def ingest(url_list: str, output: str, params: CrawlParams | None = None) -> IngestResult:
-    """Crawl `url_list` into the dataset `output`."""
+def ingest(
+    url_list: str, output: str, params: CrawlParams | None = None, force: bool = False
+) -> IngestResult:
+    """Crawl `url_list` into the dataset `output` (`force`: replace what `output` holds)."""
     logger = get_run_logger()
     params = params or CrawlParams()
-    done = finished_dataset(output, url_list, params)
-    if done is not None:
-        logger.info("%s already holds this crawl (%s); nothing to do", output, done.digest)
-        stats = done.manifest.stats
-        return IngestResult(
-            dataset=done.url,
-            digest=done.digest,
-            rows=stats["rows"],
-            samples=done.manifest.total_samples,
-            reasons=stats["reasons"],
-            skipped=True,
-        )
-    urls = read_url_list(url_list, output, params)
-    with stage_run(
-        "ingest", params={"url_list": url_list, "output": output, **params.model_dump()}
-    ) as run:
-        seconds = crawl(urls, output, params)
-        shards = commit_shards(urls, output, params)
-        outcome = count_outcomes(output, shards)
-        counted = sum(outcome["reasons"].values())
-        if counted != urls.rows:
-            raise RuntimeError(
-                f"{output}: {counted} rows accounted for, the URL list has {urls.rows}"
+    digest = url_list_digest(url_list)
+    with stage_output(
+        output,
+        stage="ingest",
+        inputs=[url_list],
+        identity=crawl_identity(digest, params),
+        force=force,
+        resume=True,  # a killed crawl of this very list and parameters continues where it was
+        seal=MANIFEST_NAME,
+        info=logger.info,
+    ) as out:
+        if out.done:
+            done = open_dataset(output)
+            logger.info("%s already holds this crawl (%s); nothing to do", output, done.digest)
+            stats = done.manifest.stats
+            return IngestResult(
+                dataset=output,
+                digest=done.digest,
+                rows=stats["rows"],
+                samples=done.manifest.total_samples,
+                reasons=stats["reasons"],
+                skipped=True,
             )
-        samples = sum(s.num_samples for s in shards)
-        stats = {
-            "rows": urls.rows,
-            "samples": samples,
-            "crawl_seconds": round(seconds, 3),
-            "images_per_s": round(samples / seconds, 2),
-            **outcome,
-        }
-        dataset = seal_dataset(output, shards, urls, params, stats)
-        publish_report(dataset, stats)
+        run_params = {"url_list": url_list, "output": output, **params.model_dump()}
+        with stage_run("ingest", params=run_params) as run:
+            stats = _sealed_stats(out.staging)
+            if stats is None:
+                stats = _crawl_and_seal(url_list, out.staging, params, digest)
+            drop_crawl_state(out.staging)
+            out.commit()
+            dataset = open_dataset(output)
+            publish_report(dataset, stats)
     return IngestResult(
-        dataset=dataset.url,
+        dataset=output,
         digest=dataset.digest,
-        rows=urls.rows,
-        samples=samples,
-        reasons=outcome["reasons"],
+        rows=stats["rows"],
+        samples=dataset.manifest.total_samples,
+        reasons=stats["reasons"],
         images_per_s=stats["images_per_s"],
         mlflow_run_id=run.info.run_id,
     )
+
+
+def _sealed_stats(staging: str) -> dict | None:
+    """A staging this crawl had sealed before it was killed: its stats; else None."""
+    try:
+        return open_dataset(staging).manifest.stats
+    except DatasetError:
+        return None
+
+
+def _crawl_and_seal(url_list: str, staging: str, params: CrawlParams, digest: str) -> dict:
+    urls = read_url_list(url_list, staging, params, digest)
+    seconds = crawl(urls, staging, params)
+    shards = commit_shards(urls, staging, params)
+    outcome = count_outcomes(staging, shards)
+    counted = sum(outcome["reasons"].values())
+    if counted != urls.rows:
+        raise RuntimeError(
+            f"{url_list}: {counted} rows accounted for, the URL list has {urls.rows}"
+        )
+    samples = sum(s.num_samples for s in shards)
+    stats = {
+        "rows": urls.rows,
+        "samples": samples,
+        "crawl_seconds": round(seconds, 3),
+        "images_per_s": round(samples / seconds, 2),
+        **outcome,
+    }
+    seal_dataset(staging, shards, urls, params, stats)
+    return stats
 
 
 def print_summary(result: IngestResult) -> None:
@@ -96,6 +130,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--url-list", required=True, help="Parquet, CSV, TSV or JSONL; path or fsspec URL"
     )
     p.add_argument("--output", required=True, help="dataset folder or fsspec URL")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace whatever OUTPUT holds (another crawl, another list), recrawling",
+    )
     defaults = CrawlParams()
     for name, field in CrawlParams.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -109,8 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(parse_args(argv))
-    url_list, output = args.pop("url_list"), args.pop("output")
-    result = ingest(url_list=url_list, output=output, params=CrawlParams(**args))
+    url_list, output, force = args.pop("url_list"), args.pop("output"), args.pop("force")
+    result = ingest(url_list=url_list, output=output, params=CrawlParams(**args), force=force)
     print_summary(result)
     return 0
 

@@ -1,41 +1,73 @@
 """Ingest tasks: URL list -> img2dataset -> a committed dataset, with every row accounted for.
 
-The crawl runs in `DATASET/.ingest/` (img2dataset's own output folder, so its incremental mode
-skips the shards it finished), and each finished shard is then moved into the dataset under its
-final name. The manifest is written last: an interrupted crawl never looks like a dataset.
+The ingest flow writes through `storage.output.stage_output` (docs/stage-outputs.md): the crawl
+runs in the staging folder's `.ingest/` (img2dataset's own output folder, so its incremental mode
+skips the shards it finished), bound to the URL list's sha256 and the crawl parameters, so a
+changed list or setting starts clean and never reuses another crawl's shards (docs/design.md,
+trap 12). Each finished shard is checked against the staged URL list, moved into the dataset
+under its final name, the manifest written last, and the whole swapped into place.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter
-from pathlib import PurePosixPath
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
-from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from storage import DatasetError, ShardEntry, describe_shard, open_dataset, write_manifest
-from storage.fs import atomic_open, filesystem, join, sha256_file
+from storage import Manifest, ShardEntry, describe_shard, write_manifest
+from storage.dataset import DatasetError
+from storage.fs import atomic_open, filesystem, join
+from tasks.ingest_report import (
+    FAILURE_REASONS,
+    IngestResult,
+    count_outcomes,
+    failure_reason,
+    publish_report,
+    reason_table,
+)
+from tasks.url_list import (
+    NETWORK_RETRIES,
+    STAGING,
+    UrlList,
+    read_url_list,
+    transient_failure,
+    url_list_digest,
+)
 
-STAGING = ".ingest"  # our own bookkeeping (staged URL list, parameters)
-CRAWL_DIR = ".ingest/shards"  # img2dataset's output folder: it treats every *.json there as a shard
-URL_LIST_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
+__all__ = [
+    "FAILURE_REASONS",
+    "CrawlParams",
+    "IngestResult",
+    "UrlList",
+    "commit_shards",
+    "count_outcomes",
+    "crawl",
+    "crawl_identity",
+    "drop_crawl_state",
+    "failure_reason",
+    "publish_report",
+    "read_url_list",
+    "reason_table",
+    "seal_dataset",
+    "transient_failure",
+    "url_list_digest",
+]
+
+CRAWL_DIR = f"{STAGING}/shards"  # img2dataset's output folder: every *.json there is a shard
+# how a crawl is run, not what it yields: a resumed crawl may change them
+RUN_ONLY_PARAMS = {"processes_count", "thread_count"}
 
 
 class CrawlParams(BaseModel):
@@ -63,102 +95,13 @@ class CrawlParams(BaseModel):
     )
 
 
-def transient_failure(task, task_run, state) -> bool:
-    """Retry network and storage hiccups (a reset connection, an object store timing out), never
-    bad input: a missing file, a refused permission or a wrong column fails at once."""
-    try:
-        state.result()
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
-        return False
-    except (OSError, TimeoutError):
-        return True
-    except Exception:  # noqa: BLE001 - anything else is the input's fault or a bug
-        return False
-    return False
-
-
-NETWORK_RETRIES = {
-    "retries": 2,
-    "retry_delay_seconds": exponential_backoff(backoff_factor=10),
-    "retry_condition_fn": transient_failure,
-}
-
-
-class UrlList(BaseModel):
-    source: str
-    staged: str
-    rows: int
-    digest: str
-
-
-def _check_writable(output: str) -> None:
-    fs, root = filesystem(output)
-    try:
-        fs.makedirs(root, exist_ok=True)
-        probe = join(output, ".write-probe")
-        with atomic_open(probe, "wb") as f:
-            f.write(b"ok")
-        fs.rm(filesystem(probe)[1])
-    except OSError as e:
-        raise PermissionError(f"output {output!r} is not writable ({e})") from e
-
-
-def _read_table(path: str) -> pa.Table:
-    suffix = PurePosixPath(path.split("?")[0]).suffix.lower()
-    kind = URL_LIST_FORMATS.get(suffix)
-    if kind is None:
-        raise ValueError(
-            f"URL list {path!r}: unsupported file type {suffix or '(none)'!r}; "
-            f"accepted: {', '.join(URL_LIST_FORMATS)}"
-        )
-    fs, p = filesystem(path)
-    if not fs.exists(p):
-        raise FileNotFoundError(f"URL list {path!r}: no such file")
-    try:
-        with fs.open(p, "rb") as f:
-            data = f.read()
-        if not data.strip():
-            raise ValueError(f"URL list {path!r} is empty")
-        if kind == "parquet":
-            return pq.read_table(io.BytesIO(data))
-        if kind == "jsonl":
-            return pajson.read_json(io.BytesIO(data))
-        delimiter = "\t" if kind == "tsv" else ","
-        return pacsv.read_csv(
-            io.BytesIO(data),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter),
-            convert_options=pacsv.ConvertOptions(strings_can_be_null=False),
-        )
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ValueError(f"URL list {path!r}: unreadable as {kind} ({e})") from e
-
-
-@task(name="read-url-list", **NETWORK_RETRIES)
-def read_url_list(path: str, output: str, params: CrawlParams) -> UrlList:
-    """Validate the URL list and stage it as Parquet (url, caption, kept columns) for img2dataset."""
-    _check_writable(output)
-    table = _read_table(path)
-    wanted = [("--url-col", params.url_col), ("--caption-col", params.caption_col)]
-    wanted += [("--keep-columns", c) for c in params.keep_columns]
-    for flag, column in wanted:
-        if column not in table.column_names:
-            raise ValueError(
-                f"URL list {path!r} has no column {column!r} ({flag}); "
-                f"its columns are: {', '.join(table.column_names)}"
-            )
-    if table.num_rows == 0:
-        raise ValueError(f"URL list {path!r} has no rows")
-    columns = {
-        "url": table.column(params.url_col).cast(pa.string()).fill_null(""),
-        "caption": table.column(params.caption_col).cast(pa.string()).fill_null(""),
+def crawl_identity(url_list_digest: str, params: CrawlParams) -> dict[str, Any]:
+    """What decides a crawl's output: the URL list's bytes and the crawl parameters (less how
+    many processes and threads run it). Binds the output and the crawl's working state."""
+    return {
+        "url_list_sha256": url_list_digest,
+        "params": params.model_dump(mode="json", exclude=RUN_ONLY_PARAMS),
     }
-    for c in params.keep_columns:
-        columns[c] = table.column(c)
-    staged = join(output, STAGING, "url_list.parquet")
-    with atomic_open(staged, "wb") as f:
-        pq.write_table(pa.table(columns), f)
-    digest, _ = sha256_file(path)
-    return UrlList(source=path, staged=staged, rows=table.num_rows, digest=f"sha256:{digest}")
 
 
 def _img2dataset_kwargs(url_list: UrlList, staging: str, params: CrawlParams) -> dict[str, Any]:
@@ -236,23 +179,12 @@ def crawl(url_list: UrlList, output: str, params: CrawlParams) -> float:
     img2dataset installs a SIGINT handler, which Python allows only in a main thread (docs/design.md,
     trap 2): in the main thread (the CLI, a deployment's flow run) it runs here, with its prints
     in the task's logs; in any other thread it runs in a subprocess. Shards finished by an
-    earlier, interrupted run are skipped by img2dataset's incremental mode.
+    earlier, interrupted run are skipped by img2dataset's incremental mode; `output` is the
+    stage's staging folder, bound to this URL list and these parameters (docs/design.md, trap 12),
+    so those shards are always of this very crawl.
     """
     logger = get_run_logger()
     staging = join(output, STAGING)
-    params_path = join(staging, "params.json")
-    fs, _ = filesystem(staging)
-    wanted = params.model_dump_json()
-    if fs.exists(filesystem(params_path)[1]):
-        with fs.open(filesystem(params_path)[1], "r") as f:
-            before = f.read()
-        if before != wanted:
-            raise ValueError(
-                f"{output!r} holds a partial crawl made with other parameters ({params_path}); "
-                "use a new --output or delete that folder"
-            )
-    with atomic_open(params_path, "wb") as f:
-        f.write(wanted.encode())
     total = math.ceil(url_list.rows / params.samples_per_shard)
     shards_dir = join(output, CRAWL_DIR)
     kwargs = _img2dataset_kwargs(url_list, shards_dir, params)
@@ -281,11 +213,50 @@ def crawl(url_list: UrlList, output: str, params: CrawlParams) -> float:
     return time.perf_counter() - start
 
 
+def _check_shard(
+    parquet_url: str, name: str, index: int, expected: pa.Table, samples_per_shard: int
+) -> None:
+    """A finished shard must be a crawl of its slice of the staged URL list: one row per input
+    row, each row's URL and caption those of the list's row its key names (img2dataset's key is
+    `shard * 10^digits + row within the shard`). Anything else came from another list."""
+    fs, path = filesystem(parquet_url)
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f, columns=["key", "url", "caption"])
+    if table.num_rows != expected.num_rows:
+        raise DatasetError(
+            f"{parquet_url}: {table.num_rows} rows, but shard {name} of the staged URL list has "
+            f"{expected.num_rows}: not a crawl of this list (rerun with --force to start clean)"
+        )
+    digits = 10 ** math.ceil(math.log10(samples_per_shard))
+    urls = expected.column("url").to_pylist()
+    captions = expected.column("caption").to_pylist()
+    for key, url, caption in zip(
+        table.column("key").to_pylist(),
+        table.column("url").to_pylist(),
+        table.column("caption").to_pylist(),
+        strict=True,
+    ):
+        shard, row = divmod(int(key), digits)
+        if (
+            shard != index
+            or row >= len(urls)
+            or url != urls[row]
+            or (caption or "") != (captions[row] or "")
+        ):
+            want = urls[row] if shard == index and row < len(urls) else "(no such row)"
+            raise DatasetError(
+                f"{parquet_url}: sample {key} is {url!r}, the staged URL list's row says {want!r}: "
+                "this shard is not a crawl of this list"
+            )
+
+
 @task(name="commit-shards")
 def commit_shards(url_list: UrlList, output: str, params: CrawlParams) -> list[ShardEntry]:
-    """Move every finished shard from the crawl folder into the dataset under its final name."""
+    """Check every finished shard against the staged URL list, then move it from the crawl
+    folder into the dataset under its final name."""
     staging = join(output, CRAWL_DIR)
-    expected = [f"{i:05d}" for i in range(math.ceil(url_list.rows / params.samples_per_shard))]
+    sps = params.samples_per_shard
+    expected = [f"{i:05d}" for i in range(math.ceil(url_list.rows / sps))]
     finished = set(_finished_shards(staging))
     missing = [n for n in expected if n not in finished]
     if missing:
@@ -294,8 +265,13 @@ def commit_shards(url_list: UrlList, output: str, params: CrawlParams) -> list[S
             "rerun the same command to resume"
         )
     fs, _ = filesystem(output)
+    with fs.open(filesystem(url_list.staged)[1], "rb") as f:
+        staged = pq.read_table(f, columns=["url", "caption"])
     entries = []
-    for name in expected:
+    for index, name in enumerate(expected):
+        crawled, final = join(staging, f"{name}.parquet"), join(output, f"{name}.parquet")
+        here = crawled if fs.exists(filesystem(crawled)[1]) else final
+        _check_shard(here, name, index, staged.slice(index * sps, sps), sps)
         for ext in ("parquet", "tar"):  # tar last: a shard counts once its tar is in place
             src, dst = (
                 filesystem(join(staging, f"{name}.{ext}"))[1],
@@ -309,50 +285,6 @@ def commit_shards(url_list: UrlList, output: str, params: CrawlParams) -> list[S
     return entries
 
 
-# img2dataset reports failures as free text; these patterns name the reasons people count.
-FAILURE_REASONS = [
-    (re.compile(r"HTTP Error (\d+)"), lambda m: f"http_{m.group(1)}"),
-    (re.compile(r"timed out|timeout", re.I), lambda m: "timeout"),
-    (re.compile(r"X-Robots-Tag", re.I), lambda m: "robots_disallowed"),
-    (re.compile(r"image too small", re.I), lambda m: "too_small"),
-    (re.compile(r"aspect ratio too large", re.I), lambda m: "aspect_ratio"),
-    (re.compile(r"image too large", re.I), lambda m: "too_large"),
-    (re.compile(r"decod|truncated|cannot identify|broken data", re.I), lambda m: "undecodable"),
-    (re.compile(r"Connection refused|Name or service|resolve", re.I), lambda m: "unreachable"),
-    (re.compile(r"unknown url type|no host given|Invalid URL", re.I), lambda m: "invalid_url"),
-]
-
-
-def failure_reason(error_message: str | None) -> str:
-    """A short, countable reason for one of img2dataset's error messages."""
-    text = error_message or ""
-    for pattern, name in FAILURE_REASONS:
-        if m := pattern.search(text):
-            return name(m)
-    return "other"
-
-
-@task(name="count-outcomes")
-def count_outcomes(output: str, shards: list[ShardEntry]) -> dict[str, Any]:
-    """Per-reason counts over every input row (successes plus each failure reason = rows)."""
-    reasons: Counter[str] = Counter()
-    examples: dict[str, str] = {}
-    for entry in shards:
-        fs, path = filesystem(join(output, f"{entry.name}.parquet"))
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["status", "error_message"])
-        for status, message in zip(
-            table.column("status").to_pylist(),
-            table.column("error_message").to_pylist(),
-            strict=True,
-        ):
-            reason = "success" if status == "success" else failure_reason(message)
-            reasons[reason] += 1
-            if message and reason not in examples:
-                examples[reason] = message[:200]
-    return {"reasons": dict(sorted(reasons.items())), "examples": examples}
-
-
 @task(name="write-manifest")
 def seal_dataset(
     output: str,
@@ -360,9 +292,9 @@ def seal_dataset(
     url_list: UrlList,
     params: CrawlParams,
     stats: dict[str, Any],
-):
-    """Write the manifest last; from here on the crawl is a dataset."""
-    write_manifest(
+) -> Manifest:
+    """Write the manifest last; from here on the staged crawl is a complete dataset."""
+    return write_manifest(
         output,
         shards,
         stage="ingest",
@@ -370,75 +302,10 @@ def seal_dataset(
         input_digest=url_list.digest,
         stats=stats,
     )
-    return open_dataset(output)
 
 
-def finished_dataset(output: str, url_list_path: str, params: CrawlParams):
-    """The dataset at `output` if it is this very crawl already finished, else None."""
-    try:
-        ds = open_dataset(output)
-    except DatasetError:
-        return None
-    wanted = {"url_list": url_list_path, **params.model_dump(mode="json")}
-    digest = f"sha256:{sha256_file(url_list_path)[0]}"
-    producer = ds.manifest.producer
-    if (
-        producer.stage == "ingest"
-        and producer.parameters == wanted
-        and producer.input_digest == digest
-    ):
-        return ds
-    return None
-
-
-class IngestResult(BaseModel):
-    dataset: str
-    digest: str
-    rows: int
-    samples: int
-    reasons: dict[str, int]
-    images_per_s: float | None = None
-    mlflow_run_id: str | None = None
-    skipped: bool = False
-
-
-def reason_table(reasons: dict[str, int], examples: dict[str, str] | None = None) -> list[dict]:
-    """Rows for a Prefect table artifact and for the printed summary, success first."""
-    total = sum(reasons.values()) or 1
-    ordered = sorted(reasons.items(), key=lambda kv: (kv[0] != "success", -kv[1], kv[0]))
-    return [
-        {
-            "reason": reason,
-            "count": count,
-            "fraction": round(count / total, 4),
-            "example": (examples or {}).get(reason, ""),
-        }
-        for reason, count in ordered
-    ]
-
-
-@task(name="publish-ingest-report")
-def publish_report(dataset, stats: dict[str, Any]) -> None:
-    """The per-reason table as a Prefect artifact and the crawl's figures as MLflow metrics."""
-    import mlflow
-    from prefect.artifacts import create_table_artifact
-
-    from storage.tracking import log_dataset
-
-    rows = reason_table(stats["reasons"], stats.get("examples"))
-    create_table_artifact(
-        key="ingest-outcomes",
-        table=rows,
-        description=f"Crawl of {stats['rows']} URLs into {dataset.url}: outcome per input row",
-    )
-    metrics = {
-        "rows": stats["rows"],
-        "samples": stats["samples"],
-        "success_rate": stats["samples"] / stats["rows"],
-        "images_per_s": stats["images_per_s"],
-        "crawl_seconds": stats["crawl_seconds"],
-    }
-    metrics.update({f"count_{r}": n for r, n in stats["reasons"].items()})
-    mlflow.log_metrics(metrics)
-    mlflow.log_dict(stats, "ingest_stats.json")
-    log_dataset(dataset, context="output")
+def drop_crawl_state(output: str) -> None:
+    """The crawl's working folder, once the dataset is sealed: not part of the dataset."""
+    fs, path = filesystem(join(output, STAGING))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

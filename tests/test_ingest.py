@@ -200,19 +200,22 @@ def _ingest_command(url_list: str, output: Path, per_shard: int) -> list[str]:
     ]  # fmt: skip
 
 
-def test_killed_crawl_resumes_and_skips_finished_shards(tmp_path, sample_url_list):
+def test_killed_crawl_resumes_and_skips_finished_shards(tmp_path, sample_url_list, prefect_harness):
     """Kill a real crawl (SIGKILL to its whole process group) once a shard is done, then resume."""
+    from prefect.settings import PREFECT_API_URL
+
     subset = tmp_path / "urls.parquet"
     pq.write_table(pq.read_table(sample_url_list).slice(0, 1000), subset)
     labels = Counter(pq.read_table(subset).column("expected").to_pylist())
     out = tmp_path / "crawl"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env["PREFECT_API_URL"] = PREFECT_API_URL.value()  # the session's server: no ephemeral one
     cmd = _ingest_command(str(subset), out, per_shard=250)
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT
         )
-        shards_dir = out / ".ingest" / "shards"
+        shards_dir = tmp_path / ".crawl.staging" / ".ingest" / "shards"  # bound to this list
         deadline = time.monotonic() + 300
         while (
             not list(shards_dir.glob("*_stats.json"))
@@ -232,8 +235,10 @@ def test_killed_crawl_resumes_and_skips_finished_shards(tmp_path, sample_url_lis
 
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for name, mtime in finished.items():  # finished shards were not crawled again
-        assert (shards_dir / name).stat().st_mtime_ns == mtime
+    crawled = {p.name: p.stat().st_mtime_ns for p in (out / ".output.json").parent.glob("*.tar")}
+    for name in finished:  # finished shards were not crawled again: moved, not rewritten
+        shard = name.split("_")[0] + ".tar"
+        assert crawled[shard] <= max(finished.values()), f"{shard} was crawled again"
     ds = open_dataset(str(out), verify=True)
     statuses = Counter(ds.metadata(columns=["status"]).column("status").to_pylist())
     assert sum(statuses.values()) == 1000
