@@ -12,6 +12,10 @@ import flows  # noqa: F401  (environment defaults before prefect/mlflow are impo
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes over ~30 s (`-m 'not slow'` leaves it out)")
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """Prefect's ephemeral test server, started once per session (it costs ~10 s; never nest it)."""
