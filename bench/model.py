@@ -1,7 +1,7 @@
 """Training-step throughput and model FLOPs utilisation (MFU) of a CLIP preset on this machine.
 
     .venv/bin/python bench/model.py                       # tiny, batch 256, fp32 and bf16
-    .venv/bin/python bench/model.py --model ViT-B/32 --batch-size 32 --steps 2
+    .venv/bin/python bench/model.py --model ViT-B-32 --batch-size 32 --steps 2
     .venv/bin/python bench/model.py --compile             # also torch.compile the model
 
 FLOPs are counted as 2 x multiply-accumulates of every matmul and convolution in the forward

@@ -1,41 +1,74 @@
 """Load the CLIP checkpoints people already have; export ours under the same names.
 
-Accepted: OpenAI's releases (an fp16 state dict, or the TorchScript archive `clip.load` reads),
-OpenCLIP's training checkpoints (`{"epoch", "state_dict", "optimizer", ...}` with `module.`
-keys from DDP and `_orig_mod.` keys from torch.compile), plain state dicts, and our own files
-`{"state_dict": ..., "model_config": {...}}`. Without a config the architecture is inferred from
-tensor shapes exactly as OpenAI's `build_model` does; what shapes cannot tell (attention heads:
-OpenAI's convention is 64 per head; the activation: OpenAI trained with QuickGELU) comes from
-`config=` or keyword overrides.
+Accepted: OpenAI's releases (an fp16 state dict, or the TorchScript archive `clip.load` reads,
+opted in), OpenCLIP's training checkpoints (`{"epoch", "state_dict", "optimizer", ...}` with
+`module.` keys from DDP and `_orig_mod.` keys from torch.compile), OpenCLIP's hub layout (a
+folder, or weights beside `open_clip_config.json`), `.safetensors` files, plain state dicts, and
+our own files `{"state_dict": ..., "model_config": {...}}` and training checkpoints. Files are
+read as data, never code (`read_checkpoint`, docs/checkpoints.md).
+
+The architecture comes from, in this order:
+  1. `config=` (`--model` on the CLIs): a preset name as OpenCLIP spells it, a YAML/JSON path,
+     a dict or a ModelConfig;
+  2. what the file says: our `model_config` / training hyper-parameters, or OpenCLIP's
+     `open_clip_config.json` beside the weights (a given config must agree with it);
+  3. a TorchScript archive is OpenAI's release format: OpenAI's conventions (QuickGELU,
+     64-wide heads) with sizes from the shapes;
+  4. otherwise the shapes give the sizes but not the activation or the head width
+     (clip_model.architecture): refused, naming the presets whose sizes fit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import warnings
-import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from clip_model.config import OPENAI_VOCAB_SIZE, ModelConfig
+from clip_model.architecture import (
+    CONVENTIONS,
+    ArchitectureError,
+    describe_sizes,
+    infer_config,
+    matching_presets,
+)
+from clip_model.config import OPENCLIP_HUB_CONFIG, ModelConfig
 from clip_model.model import CLIP
 from clip_model.tokenizer import get_tokenizer
+from clip_model.weights_file import (
+    CheckpointError,
+    TorchScriptRefused,
+    check_openclip_preprocess,
+    is_torchscript,
+    read_checkpoint,
+    resolve_weights,
+)
+
+__all__ = [
+    "CheckpointError",
+    "LoadedClip",
+    "ModelUnknown",
+    "TorchScriptRefused",
+    "from_state_dict",
+    "infer_config",
+    "load_clip",
+    "model_digest",
+    "read_checkpoint",
+    "resolve_weights",
+    "to_state_dict",
+]
 
 # entries OpenAI's TorchScript models carry besides parameters (`build_model` drops them too)
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+MODEL_FLAG = "--model"  # the CLI flag that says which architecture a bare state dict holds
 
 
-class CheckpointError(ValueError):
-    """A file or state dict that is not a CLIP checkpoint this library can load."""
-
-
-class TorchScriptRefused(CheckpointError):
-    """A TorchScript archive given without the opt-in: loading it would run its code."""
+class ModelUnknown(CheckpointError):
+    """Weights that do not say which architecture they are, or say it differently from the
+    config given: a model name or config is needed (`--model`, `config=`)."""
 
 
 def from_state_dict(
@@ -45,32 +78,39 @@ def from_state_dict(
     allow_torchscript: bool = False,
     **overrides: Any,
 ) -> CLIP:
-    """A CLIP model in fp32 (eval mode) holding the weights of a state dict or checkpoint file.
+    """A CLIP model in fp32 (eval mode) holding the weights of a state dict, a checkpoint file
+    or an OpenCLIP hub folder.
 
-    `config` (a ModelConfig, preset name, YAML path or dict) skips shape inference; `overrides`
-    replace inferred fields, e.g. `from_state_dict(path, activation="gelu")` for OpenCLIP models
-    trained with GELU.
+    `config` (a ModelConfig, preset name, YAML/JSON path or dict) says the architecture; it is
+    needed when the weights do not say it themselves (module docstring). `overrides` replace
+    config fields, e.g. `grad_checkpointing=True`; giving all of activation, vision_head_width
+    and text_heads also completes the sizes inferred from a bare state dict.
     """
-    source = str(sd_or_path) if isinstance(sd_or_path, str | os.PathLike) else "state dict"
     if isinstance(sd_or_path, str | os.PathLike):
-        obj = read_checkpoint(sd_or_path, allow_torchscript=allow_torchscript)
+        weights, hub_config = resolve_weights(sd_or_path)
+        source = str(weights)
+        obj = read_checkpoint(weights, allow_torchscript=allow_torchscript)
+        torchscript = is_torchscript(weights)
     else:
-        obj = sd_or_path
+        source, obj, hub_config, torchscript = "state dict", sd_or_path, None, False
     if not isinstance(obj, dict):
         raise CheckpointError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
-    if config is None and isinstance(obj.get("model_config"), dict | ModelConfig):
-        config = obj["model_config"]
-    hparams = obj.get("hyper_parameters")
-    if config is None and isinstance(hparams, dict) and isinstance(hparams.get("model"), dict):
-        # A Lightning checkpoint of this project keeps the model config in its hyper-parameters;
-        # shapes alone cannot tell GELU from QuickGELU.
-        config = hparams["model"]
-    state_dict = _clean(obj, source)
 
-    if config is None:
-        config = infer_config(state_dict, source=source)
+    said = _described(obj, hub_config, source)  # [(config, where it came from)]
+    state_dict = _clean(obj, source)
+    if config is not None:
+        config = _load_config(config, source)
+        for other, where in said:
+            if not config.same_architecture(other):
+                raise ModelUnknown(
+                    f"{source}: {where} describes {_summary(other)}, but the model given is "
+                    f"{_summary(config)}; leave out {MODEL_FLAG} (config=) or give the one that "
+                    "matches the weights"
+                )
+    elif said:
+        config = said[0][0]
     else:
-        config = ModelConfig.load(config)
+        config = _inferred(state_dict, source, torchscript, overrides)
     if overrides:
         config = ModelConfig(**{**config.model_dump(), **overrides})
 
@@ -81,6 +121,81 @@ def from_state_dict(
     return model.float().eval()
 
 
+def _load_config(config: ModelConfig | str | dict, source: str) -> ModelConfig:
+    try:
+        return ModelConfig.load(config)
+    except ValueError as error:
+        raise ModelUnknown(f"{source}: {MODEL_FLAG} {config}: {error}") from None
+
+
+def _described(
+    obj: dict[str, Any], hub_config: Path | None, source: str
+) -> list[tuple[ModelConfig, str]]:
+    """The architectures the checkpoint itself states, each with where it says so; they must
+    agree with one another."""
+    said = []
+    if isinstance(obj.get("model_config"), dict | ModelConfig):
+        said.append((obj["model_config"], "its model_config"))
+    hparams = obj.get("hyper_parameters")
+    if isinstance(hparams, dict) and isinstance(hparams.get("model"), dict):
+        # A Lightning checkpoint of this project keeps the model config in its hyper-parameters.
+        said.append((hparams["model"], "its hyper_parameters.model"))
+    if hub_config is not None:
+        check_openclip_preprocess(hub_config)
+        said.append((hub_config, str(hub_config)))
+    configs = []
+    for config, where in said:
+        try:
+            configs.append((ModelConfig.load(config), where))
+        except ValueError as error:
+            raise CheckpointError(
+                f"{source}: {where} is not a usable model config: {error}"
+            ) from None
+    for other, where in configs[1:]:
+        if not other.same_architecture(configs[0][0]):
+            raise CheckpointError(
+                f"{source}: {configs[0][1]} ({_summary(configs[0][0])}) and {where} "
+                f"({_summary(other)}) disagree"
+            )
+    return configs
+
+
+def _inferred(
+    state_dict: dict[str, torch.Tensor], source: str, torchscript: bool, overrides: dict
+) -> ModelConfig:
+    """Sizes from the shapes, completed by OpenAI's conventions for OpenAI's own release format
+    or by overrides that give every convention; else ModelUnknown asking which model it is."""
+    try:
+        if torchscript:  # OpenAI's release format: QuickGELU, 64-wide heads
+            config = infer_config(state_dict, source)
+            presets = [n for n in matching_presets(config) if n.endswith("-quickgelu")]
+            exact = [n for n in presets if ModelConfig.load(n).same_architecture(config)]
+            return config.model_copy(update={"name": exact[0]}) if exact else config
+        if all(k in overrides for k in CONVENTIONS):
+            return infer_config(state_dict, source)  # the overrides replace the conventions
+        sizes = infer_config(state_dict, source)
+    except ArchitectureError as error:
+        raise CheckpointError(str(error)) from None
+    presets = matching_presets(sizes)
+    hint = (
+        f"its sizes match the presets {', '.join(presets)}"
+        if presets
+        else "no preset has its sizes: give a config YAML (configs/model/*.yaml shows the fields)"
+    )
+    raise ModelUnknown(
+        f"{source} does not say which CLIP it holds. Its shapes give {describe_sizes(sizes)}, "
+        "but not the activation (GELU or QuickGELU: OpenCLIP's ViT-B-32 and ViT-B-32-quickgelu "
+        f"have identical tensors) nor the attention head width. Say which model it is: "
+        f"{MODEL_FLAG} NAME or {MODEL_FLAG} config.yaml (config= in Python), or keep OpenCLIP's "
+        f"{OPENCLIP_HUB_CONFIG} beside the weights; {hint}"
+    )
+
+
+def _summary(config: ModelConfig) -> str:
+    act = "QuickGELU" if config.activation == "quick_gelu" else "GELU"
+    return f"{config.name!r} ({act}, {config.vision_heads} vision / {config.text_heads} text heads)"
+
+
 def to_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """OpenAI/OpenCLIP-named tensors on the CPU, unwrapped from DDP and torch.compile."""
     model = _unwrap(model)
@@ -89,137 +204,7 @@ def to_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def infer_config(state_dict: dict[str, torch.Tensor], source: str = "state dict") -> ModelConfig:
-    """The architecture a state dict holds, read off its tensor shapes (OpenAI's build_model)."""
-    sd = state_dict
-
-    def need(*keys: str) -> None:
-        missing = [k for k in keys if k not in sd]
-        if missing:
-            some = ", ".join(sorted(sd)[:8]) + (", ..." if len(sd) > 8 else "")
-            raise CheckpointError(
-                f"{source}: cannot infer a CLIP architecture: missing {', '.join(missing)} "
-                f"(expected OpenAI/OpenCLIP CLIP parameter names; found {some})"
-            )
-
-    need("visual.conv1.weight", "text_projection", "positional_embedding")
-    need("token_embedding.weight", "ln_final.weight")
-    vit = "visual.proj" in sd
-    if vit:
-        need("visual.positional_embedding")
-        vision_width = sd["visual.conv1.weight"].shape[0]
-        vision_layers: int | tuple[int, ...] = len(
-            [k for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")]
-        )
-        patch_size = sd["visual.conv1.weight"].shape[-1]
-        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        image_size = patch_size * grid
-        vision_mlp = "visual.transformer.resblocks.0.mlp.c_fc.weight"
-    else:
-        need("visual.layer1.0.conv1.weight", "visual.attnpool.positional_embedding")
-        vision_layers = tuple(
-            len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{stage}.")})
-            for stage in (1, 2, 3, 4)
-        )
-        vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
-        output_width = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-        patch_size, image_size, vision_mlp = None, output_width * 32, None
-
-    text_width = sd["ln_final.weight"].shape[0]
-    text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
-    text_mlp = "transformer.resblocks.0.mlp.c_fc.weight"
-    mlp_ratio = sd[text_mlp].shape[0] / text_width if text_mlp in sd else 4.0
-    if vision_mlp in sd and sd[vision_mlp].shape[0] / vision_width != mlp_ratio:
-        raise CheckpointError(f"{source}: vision and text MLP ratios differ; not supported")
-    vocab_size = sd["token_embedding.weight"].shape[0]
-    try:
-        return ModelConfig(
-            name=Path(source).stem if source != "state dict" else "inferred",
-            embed_dim=sd["text_projection"].shape[1],
-            image_size=image_size,
-            vision_layers=vision_layers,
-            vision_width=vision_width,
-            vision_patch_size=patch_size,
-            vision_head_width=64,
-            context_length=sd["positional_embedding"].shape[0],
-            vocab_size=vocab_size,
-            text_width=text_width,
-            text_heads=max(1, text_width // 64),
-            text_layers=text_layers,
-            mlp_ratio=mlp_ratio,
-            activation="quick_gelu",
-            tokenizer="openai" if vocab_size == OPENAI_VOCAB_SIZE else "bpe",
-        )
-    except ValueError as error:
-        raise CheckpointError(
-            f"{source}: the inferred architecture is inconsistent ({error}); pass config="
-        ) from None
-
-
 # ---- helpers ------------------------------------------------------------------------------
-
-
-TORCHSCRIPT_FLAG = "--allow-torchscript"  # the CLI flag every loading stage offers
-
-
-def read_checkpoint(
-    path: str | os.PathLike,
-    *,
-    allow_torchscript: bool = False,
-    safe_globals: Sequence[Any] = (),
-) -> Any:
-    """What a checkpoint file holds, read as data, never code (docs/checkpoints.md).
-
-    `.safetensors` files are read with safetensors; everything else with
-    `torch.load(weights_only=True)`, which only rebuilds tensors, containers and primitive types
-    (plus the classes in `safe_globals`, e.g. the few a Lightning checkpoint needs). A TorchScript
-    archive (OpenAI's released .pt files are TorchScript) runs the code it carries as it loads,
-    so it is refused unless the caller opts in with `allow_torchscript=True`; it then yields the
-    archive's state dict.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    if _is_torchscript(path):
-        if not allow_torchscript:
-            raise TorchScriptRefused(
-                f"{path} is a TorchScript archive (as OpenAI's released .pt files are): loading "
-                "one runs the code it carries. Load it only from a source you trust, with "
-                f"{TORCHSCRIPT_FLAG} (`allow_torchscript: true` in a curation filter spec, "
-                "allow_torchscript=True in Python)"
-            )
-        with warnings.catch_warnings():  # torch.jit is deprecated, but it is how they ship
-            warnings.simplefilter("ignore")
-            return torch.jit.load(str(path), map_location="cpu").state_dict()
-    try:
-        with torch.serialization.safe_globals(list(safe_globals)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - name the file and why it was refused
-        raise CheckpointError(
-            f"{path}: not loadable as a weights-only torch checkpoint ({error})"
-        ) from None
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        from safetensors.torch import load_file
-    except ImportError:  # a declared dependency; only a broken install lacks it
-        raise CheckpointError(f"{path}: reading .safetensors needs `safetensors`") from None
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as error:  # noqa: BLE001 - name the file and why it was refused
-        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
-
-
-def _is_torchscript(path: Path) -> bool:
-    """A zip holding `<archive>/constants.pkl`, as torch.jit.save writes (and torch.load's own
-    check looks for)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("constants.pkl") for name in archive.namelist())
 
 
 def _clean(obj: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
@@ -314,25 +299,28 @@ def load_clip(
     checkpoint: str | os.PathLike,
     *,
     tokenizer: str | os.PathLike | None = None,
+    model: ModelConfig | str | dict | None = None,
     allow_torchscript: bool = False,
 ) -> LoadedClip:
     """A checkpoint with its tokenizer: this project's (a training run's `step-N.ckpt` or an
-    exported `{"state_dict", "model_config"}` file), OpenAI's or OpenCLIP's.
+    exported `{"state_dict", "model_config"}` file), OpenAI's or OpenCLIP's (a file, or a hub
+    folder). `model` (`--model`): the architecture, needed when the weights do not say it.
 
     The tokenizer: `tokenizer` if given; else OpenAI's for a model with its vocabulary; else the
     BPE a training run saved (`tokenizer.json` beside the checkpoint or in the run folder above
     its `checkpoints/`).
     """
     path = Path(checkpoint).resolve()
-    model = from_state_dict(path, allow_torchscript=allow_torchscript)
-    config = model.config
+    clip = from_state_dict(path, config=model, allow_torchscript=allow_torchscript)
+    config = clip.config
     if tokenizer is None and config.tokenizer != "openai":
-        candidates = [path.with_name(TOKENIZER_FILE), path.parent.parent / TOKENIZER_FILE]
+        folder = path if path.is_dir() else path.parent
+        candidates = [folder / TOKENIZER_FILE, folder.parent / TOKENIZER_FILE]
         tokenizer = next((c for c in candidates if c.is_file()), None)
         if tokenizer is None:
             raise FileNotFoundError(
                 f"{checkpoint}: the model uses a trained BPE vocabulary ({config.vocab_size} ids) "
-                f"but no {TOKENIZER_FILE} is in {path.parent} or {path.parent.parent}; pass the "
+                f"but no {TOKENIZER_FILE} is in {folder} or {folder.parent}; pass the "
                 "tokenizer file explicitly"
             )
     tok = get_tokenizer(tokenizer or "openai", context_length=config.context_length)
@@ -340,4 +328,4 @@ def load_clip(
         raise ValueError(
             f"tokenizer {tok.name} has {tok.vocab_size} ids, the model {config.vocab_size}"
         )
-    return LoadedClip(model, tok, config.image_size, model_digest(model, tok), str(path))
+    return LoadedClip(clip, tok, config.image_size, model_digest(clip, tok), str(path))

@@ -127,45 +127,58 @@ class ModelConfig(BaseModel):
 
     @classmethod
     def load(cls, name_or_path: str | Path | dict | ModelConfig) -> ModelConfig:
-        """A preset name ("tiny", "ViT-B/32"), a YAML/JSON path, a dict or a ModelConfig."""
+        """A preset name as OpenCLIP spells it ("ViT-B-32", "ViT-B-32-quickgelu", "tiny"), a
+        YAML or JSON path (ours, an OpenCLIP model config, or an `open_clip_config.json`), a
+        dict or a ModelConfig."""
         if isinstance(name_or_path, ModelConfig):
             return name_or_path
         if isinstance(name_or_path, dict):
             data = dict(name_or_path)
+            if isinstance(data.get("model_cfg"), dict):  # OpenCLIP's hub open_clip_config.json
+                data = {"name": data.get("name", "custom"), **data["model_cfg"]}
             if "vision_cfg" in data:  # OpenCLIP's JSON layout
                 return cls.from_openclip(data)
             return cls(**data)
         path = Path(name_or_path)
-        if not path.suffix or not path.exists():
-            preset = CONFIG_DIR / f"{str(name_or_path).replace('/', '-')}.yaml"
-            if preset.exists():
-                path = preset
-            elif not path.exists():
-                available = ", ".join(available_presets())
-                raise ValueError(
-                    f"unknown model {str(name_or_path)!r}: not a file and not a preset in "
-                    f"{CONFIG_DIR} (available: {available})"
-                )
+        if not path.is_file():
+            path = _preset_path(str(name_or_path))
         text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as error:
+            raise ValueError(f"{path}: not a readable model config ({error})") from None
         if not isinstance(data, dict):
             raise ValueError(
                 f"{path}: expected a mapping of config fields, got {type(data).__name__}"
             )
-        data.setdefault("name", path.stem)
+        data.setdefault("name", path.parent.name if path.name == OPENCLIP_HUB_CONFIG else path.stem)
         try:
             return cls.load(data)
         except ValidationError as error:
             raise ValueError(f"{path}: invalid model config:\n{error}") from None
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+    def same_architecture(self, other: ModelConfig) -> bool:
+        """True when both build the same network (names and grad checkpointing aside)."""
+        return self.model_dump(exclude=_NOT_ARCHITECTURE) == other.model_dump(
+            exclude=_NOT_ARCHITECTURE
+        )
 
     @classmethod
     def from_openclip(cls, data: dict[str, Any]) -> ModelConfig:
-        """Convert OpenCLIP's `{"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"}` layout."""
+        """Convert OpenCLIP's `{"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"}` layout
+        (its model_configs/*.json, or `model_cfg` of a hub `open_clip_config.json`). Fields this
+        architecture does not have are refused by name rather than ignored."""
+        unknown_top = sorted(set(data) - _OPENCLIP_TOP)
+        if data.get("custom_text"):
+            unknown_top.append("custom_text")
         vision, text = dict(data["vision_cfg"]), dict(data.get("text_cfg", {}))
         known_vision = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}
         known_text = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
         unknown = sorted(
-            [f"vision_cfg.{k}" for k in set(vision) - known_vision]
+            unknown_top
+            + [f"vision_cfg.{k}" for k in set(vision) - known_vision]
             + [f"text_cfg.{k}" for k in set(text) - known_text]
         )
         if unknown:
@@ -192,6 +205,33 @@ class ModelConfig(BaseModel):
             activation="quick_gelu" if data.get("quick_gelu", False) else "gelu",
             tokenizer="openai" if vocab_size == OPENAI_VOCAB_SIZE else "bpe",
         )
+
+
+OPENCLIP_HUB_CONFIG = "open_clip_config.json"  # OpenCLIP's hub layout: beside the weights
+_OPENCLIP_TOP = {"name", "embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "custom_text"}
+_NOT_ARCHITECTURE = {"name", "grad_checkpointing"}
+
+
+def _preset_path(name: str) -> Path:
+    """configs/model/<name>.yaml, or a ValueError saying what the name should be."""
+    if Path(name).suffix in (".yaml", ".yml", ".json"):
+        raise ValueError(f"model config {name} not found")
+    if "/" in name or "@" in name:
+        # OpenAI spells "ViT-B/32"; OpenCLIP maps that to its GELU "ViT-B-32", while OpenAI's
+        # own ViT-B/32 is QuickGELU: the spelling names two models, so neither is guessed.
+        dashed = name.replace("/", "-").replace("@336px", "-336")
+        raise ValueError(
+            f"model {name!r}: not a file, and presets are named as OpenCLIP names them. "
+            f"OpenAI's released {name} is {dashed}-quickgelu (QuickGELU); {dashed} is the same "
+            "architecture with GELU, as OpenCLIP trains from scratch"
+        )
+    preset = CONFIG_DIR / f"{name}.yaml"
+    if preset.is_file():
+        return preset
+    raise ValueError(
+        f"unknown model {name!r}: not a file and not a preset in {CONFIG_DIR} "
+        f"(available: {', '.join(available_presets())})"
+    )
 
 
 def available_presets() -> list[str]:

@@ -33,7 +33,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from clip_model.eval_suite import EvalSuite, load_suite
-from clip_model.evaluate import Precision, flat_metrics, run_suite
+from clip_model.evaluate import flat_metrics, run_suite
+from clip_model.precision import Precision, parse_precision
 
 __all__ = ["ZeroShotEvalCallback", "loggable_metrics", "mlflow_metric_name"]
 
@@ -74,7 +75,8 @@ def quick_suite(
 class ZeroShotEvalCallback(Callback):
     """Run an eval suite (or a quick subset) every `every_n_steps` steps; log `<task>/<metric>`.
 
-    `precision="auto"` evaluates in bf16 when the trainer trains in bf16, else in fp32.
+    `precision="auto"` evaluates in the trainer's precision (bf16-mixed: bf16 autocast); else
+    any spelling of clip_model.precision.
     `at_end`: also evaluate after the last step when it was not an evaluation step.
     `history` keeps (step, metrics) of every evaluation (rank 0).
     """
@@ -95,8 +97,13 @@ class ZeroShotEvalCallback(Callback):
     ):
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps}: must be >= 1")
-        if precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+        if precision != "auto":
+            precision = parse_precision(precision)  # ValueError naming the accepted spellings
+            if precision.weights_name != "fp32":  # it would cast the weights being trained
+                raise ValueError(
+                    f"precision={precision.name}: evaluating during training cannot cast the "
+                    "model's weights; use auto (the trainer's precision), fp32, bf16 or fp16"
+                )
         # read and check the suite now, on every rank: a bad path fails before training starts
         if not isinstance(suite, EvalSuite):
             suite = load_suite(suite, root=root)
@@ -138,7 +145,10 @@ class ZeroShotEvalCallback(Callback):
     def _precision(self, trainer: L.Trainer) -> Precision:
         if self.precision != "auto":
             return self.precision
-        return "bf16" if "bf16" in str(trainer.precision) else "fp32"
+        try:
+            return parse_precision(trainer.precision)  # Lightning's spelling: the trainer's own
+        except ValueError:  # e.g. 64-true: evaluate in fp32 rather than fail mid-training
+            return parse_precision("fp32")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":  # fail at the start of training, not at the first evaluation

@@ -21,7 +21,6 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +38,7 @@ from clip_model.eval_data import (
 )
 from clip_model.eval_suite import EvalSuite, EvalTask
 from clip_model.linear_probe import DEFAULT_CS, linear_probe, split_train_val
+from clip_model.precision import Precision, parse_precision
 from clip_model.retrieval import retrieval_metrics, topk_texts_for_images
 from clip_model.zero_shot import (
     classification_metrics,
@@ -46,8 +46,6 @@ from clip_model.zero_shot import (
     predict,
     zero_shot_classifier,
 )
-
-Precision = Literal["fp32", "bf16"]
 
 
 @dataclass
@@ -106,12 +104,12 @@ class _ImageDataset(torch.utils.data.Dataset):
         return self.transform(load_image(self.images[i]))
 
 
-def _autocast(device: torch.device | str, precision: Precision):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+def _autocast(model: torch.nn.Module, device: torch.device | str, precision: Precision | str):
+    """Autocast for a mixed precision; a pure_* one needs the model already cast (the caller
+    owns it: clip_model.precision.Precision.prepare)."""
+    policy = parse_precision(precision)
+    policy.check_model(model)
+    return policy.autocast(device)
 
 
 @contextlib.contextmanager
@@ -133,14 +131,14 @@ def embed_images(
     device: torch.device | str,
     batch_size: int,
     num_workers: int = 0,
-    precision: Precision = "fp32",
+    precision: Precision | str = "fp32",
 ) -> torch.Tensor:
     """Normalised image features [N, D] (float32, CPU) of image references or paths."""
     loader = torch.utils.data.DataLoader(
         _ImageDataset(images, image_size), batch_size=batch_size, num_workers=num_workers
     )
     features = []
-    with _eval_mode(model), _autocast(device, precision):
+    with _eval_mode(model), _autocast(model, device, precision):
         for batch in loader:
             features.append(F.normalize(model.encode_image(batch.to(device)).float(), dim=-1))
     return torch.cat(features).cpu()
@@ -153,11 +151,11 @@ def embed_texts(
     *,
     device: torch.device | str,
     batch_size: int,
-    precision: Precision = "fp32",
+    precision: Precision | str = "fp32",
 ) -> torch.Tensor:
     """Normalised text features [N, D] (float32, CPU)."""
     features = []
-    with _eval_mode(model), _autocast(device, precision):
+    with _eval_mode(model), _autocast(model, device, precision):
         for start in range(0, len(texts), batch_size):
             tokens = tokenizer(list(texts[start : start + batch_size])).to(device)
             features.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
@@ -191,11 +189,11 @@ def evaluate_classification(
     device: torch.device | str,
     batch_size: int,
     num_workers: int = 0,
-    precision: Precision = "fp32",
+    precision: Precision | str = "fp32",
 ) -> TaskResult:
     """Zero-shot classification: acc1, acc5, mean_per_class_recall and the confusion matrix."""
     templates = data.templates or list(DEFAULT_TEMPLATES)
-    with _eval_mode(model), _autocast(device, precision):
+    with _eval_mode(model), _autocast(model, device, precision):
         classifier = zero_shot_classifier(
             model, tokenizer, data.classnames, templates, batch_size=batch_size, device=device
         ).cpu()
@@ -231,7 +229,7 @@ def evaluate_retrieval(
     device: torch.device | str,
     batch_size: int,
     num_workers: int = 0,
-    precision: Precision = "fp32",
+    precision: Precision | str = "fp32",
     ks: Sequence[int] = (1, 5, 10),
     num_examples: int = 8,
     examples_k: int = 5,
@@ -285,7 +283,7 @@ def evaluate_linear_probe(
     device: torch.device | str,
     batch_size: int,
     num_workers: int = 0,
-    precision: Precision = "fp32",
+    precision: Precision | str = "fp32",
     test_fraction: float = 0.5,
     val_fraction: float = 0.2,
     cs: Sequence[float] = DEFAULT_CS,
@@ -341,7 +339,7 @@ def run_task(
     device: torch.device | str,
     batch_size: int,
     num_workers: int = 0,
-    precision: Precision = "fp32",
+    precision: Precision | str = "fp32",
 ) -> TaskResult:
     """Read one task's dataset (paths already resolved) and evaluate it."""
     common = dict(
@@ -389,7 +387,7 @@ def run_suite(
     device: torch.device | str,
     batch_size: int,
     num_workers: int = 0,
-    precision: Precision = "fp32",
+    precision: Precision | str = "fp32",
     tasks: Sequence[str] | None = None,
 ) -> dict[str, TaskResult]:
     """Every task of `suite` (or only those named in `tasks`), in suite order, by name."""

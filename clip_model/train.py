@@ -39,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from clip_model.precision import parse_precision
 from clip_model.train_config import (
     CheckpointConfig,
     ConfigError,
@@ -201,7 +202,7 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
-        precision=cfg.precision,
+        precision=parse_precision(cfg.precision).lightning,
         max_steps=cfg.max_steps or -1,
         max_epochs=cfg.max_epochs,
         gradient_clip_val=cfg.grad_clip_norm,

@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from clip_model.precision import parse_precision
+
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
@@ -64,7 +66,14 @@ class EvalConfig(_Strict):
     tasks: list[str] | None = Field(None, description="None: every task of the suite")
     max_images: int | None = Field(None, gt=0, description="per task: a quick subset")
     batch_size: int = Field(128, gt=0)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 when training in bf16
+    precision: str = Field(
+        "auto", description="auto: the trainer's precision; else clip_model.precision's spellings"
+    )
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision(cls, value: Any) -> str:
+        return "auto" if value == "auto" else str(parse_precision(value).name)
 
 
 class TrainConfig(_Strict):
@@ -107,10 +116,15 @@ class TrainConfig(_Strict):
     max_steps: int | None = Field(None, gt=0)
     max_epochs: int | None = Field(None, gt=0)
     grad_clip_norm: float | None = Field(1.0, gt=0)
+    accumulate_grad_batches: int = Field(1, gt=0)
     local_loss: bool = False
     gather_with_grad: bool = True
     grad_checkpointing: bool = False
-    precision: Literal["32", "32-true", "bf16-mixed", "16-mixed"] = "32"
+    precision: str = Field(
+        "32",
+        description="32, bf16-mixed, 16-mixed, bf16-true, 16-true, or OpenCLIP's spellings "
+        "(amp_bf16, amp, pure_bf16...): clip_model.precision",
+    )
     # hardware
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: int | Literal["auto"] = 1
@@ -133,7 +147,8 @@ class TrainConfig(_Strict):
     @field_validator("precision", mode="before")
     @classmethod
     def _precision_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int) else value  # YAML reads 32 as a number
+        parse_precision(value)  # ValueError naming every accepted spelling
+        return str(value)  # as written (YAML reads 32 as a number); Trainer: .lightning
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -146,8 +161,10 @@ class TrainConfig(_Strict):
                 f"tokenizer={self.tokenizer!r}: expected auto, openai, bpe or an existing "
                 "tokenizer JSON file"
             )
-        if self.precision == "16-mixed" and self.accelerator == "cpu":
-            raise ValueError("precision=16-mixed needs a GPU; on a CPU use bf16-mixed")
+        if parse_precision(self.precision).name == "fp16" and self.accelerator == "cpu":
+            raise ValueError(
+                f"precision={self.precision} (fp16 mixed) needs a GPU; on a CPU use bf16-mixed"
+            )
         return self
 
     @property

@@ -2,16 +2,18 @@
 
     python -m flows.evaluate --checkpoint data/runs/tiny/checkpoints/step-00000500.ckpt \\
         --suite configs/eval/sample.yaml --root data/sample
-    python -m flows.evaluate --checkpoint ViT-B-32.pt --suite my_suite.yaml --tasks digits,retrieval \\
-        --precision bf16 --output data/eval/vit-b-32
+    python -m flows.evaluate --checkpoint laion2b.safetensors --model ViT-B-32 \\
+        --suite my_suite.yaml --tasks digits,retrieval --precision amp_bf16 --output data/eval/b32
 
 The checkpoint is this project's (a training run's step-N.ckpt, its tokenizer.json found in the
-run folder, or an exported {"state_dict", "model_config"} file) or OpenAI's / OpenCLIP's weights.
+run folder, or an exported {"state_dict", "model_config"} file) or OpenAI's / OpenCLIP's weights
+(a file or OpenCLIP's hub folder); --model names the architecture of weights that do not say it
+(a preset as OpenCLIP names it, or a config file: docs/checkpoints.md).
 The suite (configs/eval/*.yaml, see clip_model/eval_suite.py) lists the tasks; --root replaces
 "{root}" in its dataset paths. Results: MLflow (stage "evaluate": `<task>/<metric>` metrics, the
 results JSON, a confusion matrix per classification task, a grid of retrieval examples), a Prefect
 table artifact, OUTPUT/<key>/ (the same files) and a printed table. A rerun with the same
-checkpoint, suite, root, tasks and precision returns the recorded result (--force recomputes).
+model, suite, root, tasks and precision returns the recorded result (--force recomputes).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 import mlflow
 from prefect import flow, get_run_logger
 
+from clip_model.checkpoint import resolve_weights
+from clip_model.precision import PRECISIONS, accepted_spellings, parse_precision
 from storage.tracking import stage_run
 from tasks.evaluate import (
     EvaluateResult,
@@ -63,14 +67,14 @@ def evaluate(
     device: str = "auto",
     num_workers: int = 0,
     allow_torchscript: bool = False,
+    model: str | None = None,
 ) -> EvaluateResult:
     """Evaluate the CLIP in `checkpoint` on the suite YAML `suite` (its "{root}" = `root`)."""
     logger = get_run_logger()
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    precision = parse_precision(precision).name  # one name per behaviour: amp_bf16 is bf16
     eval_suite = load_eval_suite(suite, root, tasks)  # bad suite or data: fails before any work
-    clip = load_model(checkpoint, tokenizer, allow_torchscript)
-    checkpoint_sha256 = file_sha256(checkpoint)
+    clip = load_model(checkpoint, tokenizer, allow_torchscript, model)
+    checkpoint_sha256 = file_sha256(resolve_weights(checkpoint)[0])
     tokenizer_file = getattr(clip.tokenizer, "path", None)
     identity = {
         "checkpoint": checkpoint,
@@ -91,6 +95,7 @@ def evaluate(
         tasks=identity["tasks"],
         precision=precision,
         tokenizer_sha256=identity["tokenizer_sha256"],
+        model_id=clip.model_id,
     )
     output = output or default_output(eval_suite)
 
@@ -151,7 +156,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
         help="comma-separated task names (default: every task of the suite)",
     )
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument(
+        "--model",
+        help="the architecture, when the weights do not say it: a preset as OpenCLIP names it "
+        "(ViT-B-32 is GELU, ViT-B-32-quickgelu OpenAI's) or a config YAML/JSON",
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=list(PRECISIONS),
+        metavar="PRECISION",
+        help=f"{accepted_spellings()} (docs/checkpoints.md)",
+    )
     p.add_argument("--tokenizer", help="tokenizer file (default: the checkpoint's, or OpenAI's)")
     p.add_argument("--force", action="store_true", help="recompute even if already evaluated")
     p.add_argument("--batch-size", type=int, default=128)

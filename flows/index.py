@@ -4,7 +4,8 @@
     python -m flows.search --index data/index --text "a red star" -k 10
 
 The checkpoint is this project's, OpenAI's or OpenCLIP's (clip_model.from_state_dict reads
-them). Every image and caption is embedded, shard by shard, into OUTPUT/embeddings/ (layout:
+them; --model names the architecture of weights that do not say it, docs/checkpoints.md). Every
+image and caption is embedded, shard by shard, into OUTPUT/embeddings/ (layout:
 storage/embeddings.py); then the image vectors go into a FAISS index, exact below 100k vectors,
 IVF above. Rerunning resumes at the first shard not embedded; after the dataset grew, only its
 new shards are embedded and added. The run is logged to MLflow (stage "index": vectors,
@@ -22,6 +23,7 @@ from prefect import flow, get_run_logger
 from tqdm import tqdm
 
 from clip_model.checkpoint import load_clip
+from clip_model.precision import PRECISIONS, accepted_spellings, parse_precision
 from storage import open_dataset
 from storage.embeddings import EmbeddingStore, choose_spec
 from storage.tracking import log_dataset, stage_run
@@ -40,11 +42,13 @@ def index(
     precision: str = "fp32",
     device: str = "cpu",
     allow_torchscript: bool = False,
+    model: str | None = None,
 ) -> IndexResult:
     """Embed the dataset `data` with the model in `checkpoint` into the index folder `output`."""
     logger = get_run_logger()
     choose_spec(1, kind=kind)  # refuse an unknown kind before any work
-    clip = load_clip(checkpoint, allow_torchscript=allow_torchscript)
+    precision = parse_precision(precision).name  # one name per behaviour: amp_bf16 is bf16
+    clip = load_clip(checkpoint, model=model, allow_torchscript=allow_torchscript)
     dataset = open_dataset(data)
     params = {
         "checkpoint": checkpoint,
@@ -55,6 +59,7 @@ def index(
         "dtype": dtype,
         "precision": precision,
         "model_id": clip.model_id,
+        "model": clip.model.config.name,
     }
     with stage_run("index", params=params) as run:
         log_dataset(dataset, context="input")
@@ -122,7 +127,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["float32", "float16"],
         help="embedding files on disk (float16: half the size, scores rounded to ~1e-3)",
     )
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument(
+        "--model",
+        help="the architecture, when the weights do not say it: a preset as OpenCLIP names it "
+        "(ViT-B-32 is GELU, ViT-B-32-quickgelu OpenAI's) or a config YAML/JSON",
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=list(PRECISIONS),
+        metavar="PRECISION",
+        help=f"{accepted_spellings()} (docs/checkpoints.md)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--allow-torchscript",

@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", help="the index's model, if not at the path it recorded")
     p.add_argument("--data", help="the dataset, if it moved since the index was built")
     p.add_argument(
+        "--model",
+        help="the checkpoint's architecture when its weights do not say it and the index did "
+        "not record it: a preset as OpenCLIP names it, or a config YAML/JSON",
+    )
+    p.add_argument(
         "--allow-torchscript",
         action="store_true",
         help="load a TorchScript checkpoint (OpenAI's .pt releases): it runs the file's code",
@@ -65,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint=args.checkpoint,
             data=args.data,
             allow_torchscript=args.allow_torchscript,
+            model=args.model,
         )
     except (IndexFormatError, FileNotFoundError, CheckpointError) as e:  # a mismatched model too
         print(f"error: {e}", file=sys.stderr)

@@ -18,6 +18,7 @@ import sys
 import mlflow
 from prefect import flow
 
+from clip_model.precision import PRECISIONS, accepted_spellings
 from storage import open_dataset
 from storage.tracking import log_dataset, stage_run, tracking_uri
 from tasks.train import (
@@ -99,7 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="per device")
     p.add_argument("--devices", type=int, help="processes (GPUs, or CPU ranks with gloo)")
     p.add_argument("--accelerator", choices=["auto", "cpu", "gpu", "cuda", "mps"])
-    p.add_argument("--precision", choices=["32", "bf16-mixed", "16-mixed"])
+    p.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        metavar="PRECISION",
+        help=f"{accepted_spellings()} (clip_model/precision.py)",
+    )
     p.add_argument("--registered-model", help="MLflow model registry name")
     p.add_argument(
         "--set",

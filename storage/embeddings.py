@@ -28,7 +28,7 @@ import hashlib
 import io
 import math
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -74,6 +74,9 @@ class ModelIdentity(BaseModel):
     name: str = ""
     embed_dim: int
     image_size: int
+    architecture: dict[str, Any] | None = Field(
+        None, description="the model config, so weights that do not say it reload as they were"
+    )
 
 
 class ShardEmbeddings(BaseModel):

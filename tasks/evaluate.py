@@ -31,7 +31,13 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from clip_model.checkpoint import CheckpointError, LoadedClip, TorchScriptRefused, load_clip
+from clip_model.checkpoint import (
+    CheckpointError,
+    LoadedClip,
+    ModelUnknown,
+    TorchScriptRefused,
+    load_clip,
+)
 from clip_model.eval_callback import loggable_metrics, quick_suite
 from clip_model.eval_data import (
     read_classification,
@@ -46,6 +52,7 @@ from clip_model.evaluate import (
     plot_retrieval_examples,
     run_suite,
 )
+from clip_model.precision import parse_precision
 from storage.fs import atomic_write_bytes, sha256_file
 
 __all__ = [
@@ -89,17 +96,23 @@ class EvaluateResult(BaseModel):
 
 @task(name="load-model", cache_policy=NONE)
 def load_model(
-    checkpoint: str, tokenizer: str | None = None, allow_torchscript: bool = False
+    checkpoint: str,
+    tokenizer: str | None = None,
+    allow_torchscript: bool = False,
+    model: str | None = None,
 ) -> LoadedClip:
     """The CLIP in `checkpoint` with its tokenizer; CheckpointError naming the file if it is not
     a CLIP checkpoint (this project's step-N.ckpt or export, OpenAI's or OpenCLIP's weights).
-    A TorchScript archive loads only with `allow_torchscript` (it runs code as it loads)."""
-    if not Path(checkpoint).is_file():
+    `model`: the architecture (preset or config file) of weights that do not say it. A
+    TorchScript archive loads only with `allow_torchscript` (it runs code as it loads)."""
+    if not Path(checkpoint).exists():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     try:
-        return load_clip(checkpoint, tokenizer=tokenizer, allow_torchscript=allow_torchscript)
-    except (FileNotFoundError, TorchScriptRefused):
-        raise  # a missing tokenizer, an unsafe file: the message names the file and the way out
+        return load_clip(
+            checkpoint, tokenizer=tokenizer, model=model, allow_torchscript=allow_torchscript
+        )
+    except (FileNotFoundError, TorchScriptRefused, ModelUnknown):
+        raise  # the message names the file and the way out (a tokenizer, a flag, --model)
     except ValueError as error:
         if not isinstance(error, CheckpointError):
             raise  # e.g. a tokenizer with more ids than the model: the message says so
@@ -160,8 +173,10 @@ def evaluation_key(
     tasks: Sequence[str],
     precision: str,
     tokenizer_sha256: str | None,
+    model_id: str = "",
 ) -> str:
-    """sha256 of everything that decides the metrics (not batch size, device or workers)."""
+    """sha256 of everything that decides the metrics (not batch size, device or workers);
+    `model_id` (clip_model.checkpoint.model_digest) covers the architecture --model chose."""
     fields = {
         "checkpoint_sha256": checkpoint_sha256,
         "suite_sha256": suite_sha256,
@@ -170,6 +185,8 @@ def evaluation_key(
         "precision": precision,
         "tokenizer_sha256": tokenizer_sha256,
     }
+    if model_id:
+        fields["model_id"] = model_id
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -252,10 +269,13 @@ def run_evaluation(
     batch_size: int = 128,
     num_workers: int = 0,
 ) -> dict[str, TaskResult]:
-    """Every task of `suite`, one after the other, each logged with its time and metrics."""
+    """Every task of `suite`, one after the other, each logged with its time and metrics.
+    A pure_* precision casts `clip.model` in place (clip_model.precision)."""
     logger = get_run_logger()
     device = _device(device)
-    model = clip.model.to(device)
+    policy = parse_precision(precision)
+    policy.check_device(device)
+    model = policy.prepare(clip.model.to(device))
     results: dict[str, TaskResult] = {}
     with tqdm(suite.tasks, desc=f"evaluate {suite.name}", unit="task") as bar:
         for t in bar:

@@ -13,12 +13,20 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from clip_model.precision import accepted_spellings, parse_precision
 from tasks.ingest import CrawlParams
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -62,7 +70,12 @@ class EvaluateSection(_Section):
     suite: str = Field(description="an evaluation suite YAML (configs/eval/)")
     root: str | None = Field(None, description="the suite's {root}; default: the sample web")
     tasks: list[str] | None = None
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: str = Field("fp32", description=f"one of {accepted_spellings()}")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision(cls, value: Any) -> str:
+        return parse_precision(value).name  # one name per behaviour (clip_model.precision)
 
 
 class PipelineConfig(_Section):

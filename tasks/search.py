@@ -37,7 +37,8 @@ from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse, Response
 from PIL import Image, UnidentifiedImageError
 
-from clip_model.checkpoint import LoadedClip, load_clip
+from clip_model.checkpoint import LoadedClip, ModelUnknown, load_clip
+from clip_model.precision import parse_precision
 from clip_model.transforms import eval_transform
 from storage.embeddings import (
     EmbeddingStore,
@@ -84,12 +85,14 @@ def model_identity(clip: LoadedClip) -> ModelIdentity:
         name=clip.model.config.name,
         embed_dim=clip.model.config.embed_dim,
         image_size=clip.image_size,
+        architecture=clip.model.config.model_dump(mode="json", exclude={"grad_checkpointing"}),
     )
 
 
 class ClipEncoder:
     """Normalised float32 embeddings of texts and PIL images, in batches, as evaluation does
-    (clip_model.transforms.eval_transform, L2 norm; fp32 unless `precision="bf16"`)."""
+    (clip_model.transforms.eval_transform, L2 norm; `precision`: any spelling of
+    clip_model.precision, a pure_* one casting the model in place)."""
 
     def __init__(
         self,
@@ -99,19 +102,15 @@ class ClipEncoder:
         batch_size: int = 64,
         precision: str = "fp32",
     ):
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         self.clip = clip
-        self.device, self.batch_size, self.precision = device, batch_size, precision
-        self.model = clip.model.to(device).eval()
+        self.device, self.batch_size = device, batch_size
+        self.precision = parse_precision(precision)
+        self.precision.check_device(device)
+        self.model = self.precision.prepare(clip.model.to(device)).eval()
         self.transform = eval_transform(clip.image_size)
 
     def _autocast(self):
-        return torch.autocast(
-            device_type=torch.device(self.device).type,
-            dtype=torch.bfloat16,
-            enabled=self.precision == "bf16",
-        )
+        return self.precision.autocast(self.device)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -232,8 +231,11 @@ class SearchIndex:
         checkpoint: str | Path | None = None,
         data: str | None = None,
         allow_torchscript: bool = False,
+        model: str | None = None,
     ) -> SearchIndex:
-        """Open `url`; the model is `clip`, else `checkpoint`, else the one the index names.
+        """Open `url`; the model is `clip`, else `checkpoint`, else the one the index names;
+        `model` (a preset or config file) is its architecture when the weights do not say it,
+        else the architecture the index recorded.
 
         ModelMismatchError if that model is not the one whose embeddings the index holds.
         `data` points at the dataset when it moved since the index was built (thumbnails).
@@ -254,7 +256,17 @@ class SearchIndex:
                     f"{url} was built with the checkpoint {source}, which is not there; pass the "
                     "same model with --checkpoint"
                 )
-            clip = load_clip(source, allow_torchscript=allow_torchscript)
+            try:
+                clip = load_clip(source, model=model, allow_torchscript=allow_torchscript)
+            except ModelUnknown:
+                if model is not None or manifest.model.architecture is None:
+                    raise
+                # weights that do not say their architecture: the one they were indexed with
+                clip = load_clip(
+                    source,
+                    model=manifest.model.architecture,
+                    allow_torchscript=allow_torchscript,
+                )
         if clip.model_id != manifest.model.model_id:
             raise ModelMismatchError(
                 f"{url} was built with model {manifest.model.model_id[:23]} "

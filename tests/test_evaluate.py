@@ -243,6 +243,7 @@ def test_an_openclip_state_dict_is_evaluated_with_openais_tokenizer(
 ):
     result = evaluate(
         checkpoint=str(FIXTURES / "openclip/rn_tiny/state_dict.pt"),
+        model=str(FIXTURES / "openclip/rn_tiny/config.json"),  # a bare state dict: say which
         suite=str(suite),
         root=str(web),
         output=str(tmp_path / "out"),

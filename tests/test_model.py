@@ -81,7 +81,7 @@ def test_architecture_is_inferred_from_tensor_shapes(name):
         assert getattr(inferred, field) == getattr(config, field), field
     for field in ("context_length", "vocab_size", "text_width", "text_layers", "mlp_ratio"):
         assert getattr(inferred, field) == getattr(config, field), field
-    assert inferred.activation == "quick_gelu"  # OpenAI's convention for released weights
+    assert inferred.activation == "quick_gelu"  # OpenAI's convention, unless told otherwise
 
 
 def test_openclip_training_checkpoint_with_ddp_and_compile_prefixes_loads(tmp_path):
@@ -166,16 +166,11 @@ def test_inconsistent_config_is_rejected_naming_the_field(change, field):
     assert field in str(error.value)
 
 
-def test_preset_names_with_slashes_map_to_yaml_files_and_have_published_sizes():
-    expected_millions = {"RN50": 102.0, "RN101": 119.7, "ViT-B/32": 151.3, "ViT-B/16": 149.6}
-    expected_millions["ViT-L/14"] = 427.6
-    for name, millions in expected_millions.items():
-        with torch.device("meta"):  # shapes only, no memory
-            model = create_model(name)
-        assert model.config.name == name.replace("/", "-")
-        assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.05)
-    with pytest.raises(ValueError, match="unknown model 'ViT-Q/7'.*available: RN101, RN50"):
-        create_model("ViT-Q/7")
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(
+        ValueError, match="unknown model 'ViT-Q-7'.*available: RN101, RN101-quickgelu"
+    ):
+        create_model("ViT-Q-7")
 
 
 def test_tiny_preset_is_a_small_bpe_vit():

@@ -359,10 +359,11 @@ def test_openclip_state_dict_loads_with_openai_tokenizer():
     path = Path(__file__).parent / "fixtures" / "openclip" / "vit_tiny" / "state_dict.pt"
     if not path.exists():
         pytest.skip(f"{path} not copied into tests/fixtures yet")
-    clip = load_clip(path)
+    config = str(path.with_name("config.json"))  # a bare state dict: say which model it is
+    clip = load_clip(path, model=config)
     assert clip.tokenizer.vocab_size == 49408  # OpenAI's vocabulary, no tokenizer file needed
     assert (clip.image_size, clip.model.config.embed_dim) == (32, 32)
-    assert clip.model_id == load_clip(path).model_id
+    assert clip.model_id == load_clip(path, model=config).model_id
 
 
 def test_cli_prints_a_table_of_hits(search, built, tmp_path, capsys):

@@ -43,22 +43,23 @@ class ClipScorer:
     """Cosine similarity of (image, caption) pairs under a CLIP model of `clip_model`."""
 
     def __init__(self, cfg: ClipScore):
-        from clip_model import create_model, from_state_dict, get_tokenizer
+        from clip_model import create_model, get_tokenizer
         from clip_model.checkpoint import load_clip
+        from clip_model.precision import parse_precision
         from clip_model.transforms import eval_transform
 
         tokenizer = cfg.tokenizer
-        if cfg.checkpoint is not None and cfg.model is None:
-            # this project's checkpoint finds its own tokenizer; OpenAI/OpenCLIP use OpenAI's
+        if cfg.checkpoint is not None:
+            # this project's checkpoint finds its own tokenizer; OpenAI/OpenCLIP use OpenAI's;
+            # `model` says the architecture of weights that do not say it themselves
             clip = load_clip(
-                cfg.checkpoint, tokenizer=cfg.tokenizer, allow_torchscript=cfg.allow_torchscript
+                cfg.checkpoint,
+                tokenizer=cfg.tokenizer,
+                model=cfg.model,
+                allow_torchscript=cfg.allow_torchscript,
             )
             self.model = clip.model
             tokenizer = str(getattr(clip.tokenizer, "path", None) or "openai")
-        elif cfg.checkpoint is not None:
-            self.model = from_state_dict(
-                cfg.checkpoint, config=cfg.model, allow_torchscript=cfg.allow_torchscript
-            )
         else:
             name = cfg.model or "tiny"
             log.warning("clip_score: no checkpoint; %r has RANDOM weights (benchmarks only)", name)
@@ -74,18 +75,19 @@ class ClipScorer:
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             self.device = torch.device(cfg.device)
-        self.model = self.model.to(self.device).eval()
+        self.precision = parse_precision(cfg.precision)
+        self.precision.check_device(self.device)
+        self.model = self.precision.prepare(self.model.to(self.device)).eval()
         self.tokenizer = get_tokenizer(tokenizer, context_length=self.model.config.context_length)
         self.transform = eval_transform(self.model.config.image_size)
         self.image_size = self.model.config.image_size
         self.batch_size = cfg.batch_size
-        self.autocast = cfg.precision == "bf16"
 
     @torch.inference_mode()
     def score(self, images: torch.Tensor, captions: list[str]) -> np.ndarray:
         tokens = self.tokenizer(captions).to(self.device)
         images = images.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with self.precision.autocast(self.device):
             image_features, text_features, _ = self.model(images, tokens)
         return (image_features.float() * text_features.float()).sum(-1).cpu().numpy()
 

@@ -21,6 +21,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from clip_model.precision import accepted_spellings, parse_precision
+
 __all__ = [
     "Basic",
     "ClipScore",
@@ -134,8 +136,9 @@ class ClipScore(_Filter):
     )
     model: str | None = Field(
         None,
-        description="preset or YAML: the checkpoint's architecture when it does not say (default "
-        "inferred), or a RANDOM-weight model without checkpoint (benchmarks; default tiny)",
+        description="the checkpoint's architecture when its weights do not say it: a preset as "
+        "OpenCLIP names it (ViT-B-32 GELU, ViT-B-32-quickgelu OpenAI's) or a config YAML/JSON; "
+        "without checkpoint, a RANDOM-weight model (benchmarks; default tiny)",
     )
     tokenizer: str | None = Field(
         None,
@@ -148,8 +151,13 @@ class ClipScore(_Filter):
     top_fraction: float | None = Field(None, gt=0.0, le=1.0, description="keep the best fraction")
     threshold: float | None = Field(None, ge=-1.0, le=1.0, description="keep score >= threshold")
     batch_size: int = Field(256, ge=1)
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: str = Field("bf16", description=f"one of {accepted_spellings()}")
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision(cls, value: Any) -> str:
+        return parse_precision(value).name  # one name per behaviour (clip_model.precision)
 
     @model_validator(mode="after")
     def _one_rule(self) -> ClipScore:
