@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import storage.environment  # noqa: F401  (safe defaults before mlflow is imported)
+
 _EXPORTS = {
     "CLIP": "clip_model.model",
     "create_model": "clip_model.model",

@@ -14,7 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "model"
+import configs
+
+CONFIG_DIR = configs.root() / "model"  # shipped in the package (configs/__init__.py)
 OPENAI_VOCAB_SIZE = 49408  # 256 bytes x 2 (with "</w>") + 48,894 merges + [SOS] + [EOS]
 
 

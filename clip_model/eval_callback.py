@@ -32,7 +32,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from clip_model.eval_suite import EvalSuite, load_suite
+from clip_model.eval_suite import EvalSuite, load_suite, quick_suite
 from clip_model.evaluate import flat_metrics, run_suite
 from clip_model.precision import Precision, parse_precision
 
@@ -48,28 +48,6 @@ def mlflow_metric_name(name: str) -> str:
 def loggable_metrics(flat: Mapping[str, float]) -> dict[str, float]:
     """`{"<task>/<metric>": value}` with names MLflow (and Lightning's MLFlowLogger) keep as is."""
     return {mlflow_metric_name(k): float(v) for k, v in flat.items()}
-
-
-def quick_suite(
-    suite: EvalSuite, *, tasks: Sequence[str] | None = None, max_images: int | None = None
-) -> EvalSuite:
-    """`suite` cut to the named `tasks` (in suite order) with at most `max_images` per task."""
-    names = [t.name for t in suite.tasks]
-    if tasks is not None:
-        unknown = [t for t in tasks if t not in names]
-        if unknown:
-            raise ValueError(f"suite {suite.name} has no task {unknown}; it has {names}")
-    if max_images is not None and max_images < 1:
-        raise ValueError(f"max_images={max_images}: must be >= 1 (or None for every image)")
-    kept = []
-    for task in suite.tasks:
-        if tasks is not None and task.name not in tasks:
-            continue
-        if max_images is not None:
-            limit = min(task.max_images or max_images, max_images)
-            task = task.model_copy(update={"max_images": limit})
-        kept.append(task)
-    return suite.model_copy(update={"tasks": kept})
 
 
 class ZeroShotEvalCallback(Callback):

@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from clip_model.zero_shot import check_templates
+from clip_model.templates import check_templates
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # CLIP_benchmark's order of preference when a sample holds several images

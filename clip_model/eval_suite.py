@@ -19,13 +19,15 @@ every copy of a dataset, e.g. each `python -m flows.sample --out DIR`.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from clip_model.zero_shot import check_templates
+import configs
+from clip_model.templates import check_templates
 
 ROOT_PLACEHOLDER = "{root}"
 
@@ -141,9 +143,13 @@ class EvalSuite(BaseModel):
 
 def load_suite(path: str | Path, *, root: str | Path | None = None) -> EvalSuite:
     """Read and validate a suite YAML; "{root}" resolved (see the module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvalSuiteError(f"{path}: eval suite file not found (e.g. configs/eval/sample.yaml)")
+    try:
+        path = configs.locate(path, "eval")  # a path, or a preset name of configs/eval/
+    except FileNotFoundError:
+        raise EvalSuiteError(
+            f"{path}: eval suite file not found (e.g. configs/eval/sample.yaml, or a preset: "
+            f"{', '.join(configs.names('eval'))})"
+        ) from None
     try:
         data = yaml.safe_load(path.read_text("utf-8"))
     except yaml.YAMLError as err:
@@ -155,3 +161,25 @@ def load_suite(path: str | Path, *, root: str | Path | None = None) -> EvalSuite
     if root is not None:
         root = Path(root).expanduser().absolute()  # a run-time root is relative to the cwd
     return suite.resolved(root=root, base=path.parent.absolute())
+
+
+def quick_suite(
+    suite: EvalSuite, *, tasks: Sequence[str] | None = None, max_images: int | None = None
+) -> EvalSuite:
+    """`suite` cut to the named `tasks` (in suite order) with at most `max_images` per task."""
+    names = [t.name for t in suite.tasks]
+    if tasks is not None:
+        unknown = [t for t in tasks if t not in names]
+        if unknown:
+            raise ValueError(f"suite {suite.name} has no task {unknown}; it has {names}")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images={max_images}: must be >= 1 (or None for every image)")
+    kept = []
+    for task in suite.tasks:
+        if tasks is not None and task.name not in tasks:
+            continue
+        if max_images is not None:
+            limit = min(task.max_images or max_images, max_images)
+            task = task.model_copy(update={"max_images": limit})
+        kept.append(task)
+    return suite.model_copy(update={"tasks": kept})

@@ -8,20 +8,15 @@ Every key is a field below; `extra="forbid"` makes an unknown key an error namin
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from clip_model.precision import parse_precision
+from configs import ConfigError  # one line naming the field and the file or override at fault
+from configs.overrides import Override, load, parse_overrides
 
 __all__ = [
     "CheckpointConfig",
@@ -32,10 +27,6 @@ __all__ = [
     "check_hardware",
     "load_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A training config that cannot be run; the message names the field and the file."""
 
 
 class _Strict(BaseModel):
@@ -207,38 +198,10 @@ def check_hardware(cfg: TrainConfig) -> None:
 # ---- config loading -----------------------------------------------------------------------------
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key}=...: {part!r} is not a section")
-    node[leaf] = value
-
-
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
-    """A YAML file (or nothing) plus `key=value` overrides (YAML values), validated."""
-    data: dict[str, Any] = {}
-    source = str(path) if path else "overrides"
-    if path:
-        if not Path(path).is_file():
-            raise ConfigError(f"{path}: config file not found")
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys")
-        data = loaded
-    for item in overrides:
-        key, sep, value = item.removeprefix("--").partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        _set_dotted(data, key.replace("-", "_"), yaml.safe_load(value) if value else None)
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as error:
-        problems = []
-        for e in error.errors():
-            field = ".".join(str(p) for p in e["loc"]) or "config"
-            got = f" (got {e['input']!r})" if e["type"] != "missing" and "input" in e else ""
-            problems.append(f"  {field}: {e['msg']}{got}")
-        raise ConfigError(f"{source}: invalid training config\n" + "\n".join(problems)) from None
+def load_config(
+    path: str | os.PathLike | None, overrides: Sequence[str | Override] = ()
+) -> TrainConfig:
+    """A YAML file (a path, or a preset name of configs/train/), or nothing, plus `key=value`
+    overrides (YAML values, dotted keys for nested fields), validated. ConfigError is one line
+    naming the field and the file or override it came from (configs/overrides.py)."""
+    return load(TrainConfig, path or None, kind="train", overrides=parse_overrides(overrides))

@@ -29,28 +29,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-CLASS_PLACEHOLDER = "{c}"
-
-
-def check_templates(templates: Sequence[str], *, source: str = "templates") -> list[str]:
-    """Return `templates` as a list; ValueError naming the first one without "{c}"."""
-    if isinstance(templates, str):
-        raise ValueError(f"{source}: expected a list of templates, got the string {templates!r}")
-    templates = list(templates)
-    if not templates:
-        raise ValueError(f"{source}: no templates; give at least one, e.g. 'a photo of a {{c}}.'")
-    for template in templates:
-        if CLASS_PLACEHOLDER not in template:
-            raise ValueError(
-                f"{source}: template {template!r} has no {CLASS_PLACEHOLDER} placeholder for the "
-                f"class name; write it as e.g. 'a photo of a {{c}}.'"
-            )
-    return templates
-
-
-def fill_template(template: str, classname: str) -> str:
-    """`template` with every "{c}" replaced by `classname` (other braces are left as they are)."""
-    return template.replace(CLASS_PLACEHOLDER, classname)
+from clip_model.templates import CLASS_PLACEHOLDER, check_templates, fill_template  # noqa: F401
 
 
 @torch.no_grad()

@@ -1,16 +1,6 @@
-"""Prefect flows, one file per stage. Importing this package sets the stack's safe defaults.
+"""Prefect flows, one file per stage; `python -m flows.<stage> --help` for each command line.
 
-These must be set before prefect, mlflow or img2dataset are imported (docs/design.md, known traps):
-no analytics or update checks over a network we do not have, and an explicit MLflow tracking URI
-because MLflow >= 3.13 refuses the old ./mlruns file store.
+The command lines (flows/cli.py) parse and validate before Prefect or torch is imported.
 """
 
-import os
-
-for _name, _value in {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db",
-    "WANDB_MODE": "disabled",
-}.items():
-    os.environ.setdefault(_name, _value)
+import storage.environment  # noqa: F401  (safe defaults before prefect/mlflow are imported)

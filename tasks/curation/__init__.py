@@ -4,33 +4,33 @@ spec = load_filter_spec("configs/filters/sample.yaml")
 ds, bad = open_input("data/crawl")
 sel = select_samples(ds, spec, bad_shards=bad)
 write_curated(ds, sel, "data/curated", num_shards=spec.num_shards, parameters={...})
+
+The names below are imported on first use (PEP 562), so the filter spec (tasks.curation.spec)
+validates without loading torch: the `curate` command line checks it before starting anything.
 """
 
-from tasks.curation.filters import FILTERS
-from tasks.curation.run import (
-    REJECTED_NAME,
-    UNDECODABLE,
-    Selection,
-    existing_output,
-    open_input,
-    select_samples,
-    shard_sizes,
-    write_curated,
-)
-from tasks.curation.spec import FilterSpec, FilterSpecError, load_filter_spec, parse_filter_spec
+import importlib
 
-__all__ = [
-    "FILTERS",
-    "REJECTED_NAME",
-    "UNDECODABLE",
-    "FilterSpec",
-    "FilterSpecError",
-    "Selection",
-    "existing_output",
-    "load_filter_spec",
-    "open_input",
-    "parse_filter_spec",
-    "select_samples",
-    "shard_sizes",
-    "write_curated",
-]
+_EXPORTS = {
+    "FILTERS": "tasks.curation.filters",
+    "REJECTED_NAME": "tasks.curation.run",
+    "UNDECODABLE": "tasks.curation.run",
+    "Selection": "tasks.curation.run",
+    "existing_output": "tasks.curation.run",
+    "open_input": "tasks.curation.run",
+    "select_samples": "tasks.curation.run",
+    "shard_sizes": "tasks.curation.run",
+    "write_curated": "tasks.curation.run",
+    "FilterSpec": "tasks.curation.spec",
+    "FilterSpecError": "tasks.curation.spec",
+    "load_filter_spec": "tasks.curation.spec",
+    "parse_filter_spec": "tasks.curation.spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,6 +21,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import configs
 from clip_model.precision import accepted_spellings, parse_precision
 
 __all__ = [
@@ -213,18 +214,21 @@ class FilterSpec(BaseModel):
         return self.model_copy(update={"filters": filters})
 
 
+# The 97 languages of the model bundled with langid.py 1.1.6, as a constant: decoding the model
+# to list them costs seconds, and a filter spec validates while a command line checks its input.
+# tests/test_cli.py compares it with the model.
+LANGID_CODES = frozenset(
+    (
+        "af am an ar as az be bg bn br bs ca cs cy da de dz el en eo es et eu fa fi fo fr ga gl "
+        "gu he hi hr ht hu hy id is it ja jv ka kk km kn ko ku ky la lb lo lt lv mg mk ml mn mr "
+        "ms mt nb ne nl nn no oc or pa pl ps pt qu ro ru rw se si sk sl sq sr sv sw ta te th tl "
+        "tr ug uk ur vi vo wa xh zh zu"
+    ).split()
+)
+
+
 def langid_languages() -> frozenset[str]:
-    from langid.langid import LanguageIdentifier
-    from langid.langid import model as langid_model  # the model string, bundled in the package
-
-    global _LANGID_CODES
-    if _LANGID_CODES is None:
-        ident = LanguageIdentifier.from_modelstring(langid_model)
-        _LANGID_CODES = frozenset(ident.nb_classes)
-    return _LANGID_CODES
-
-
-_LANGID_CODES: frozenset[str] | None = None
+    return LANGID_CODES
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -257,12 +261,13 @@ def parse_filter_spec(data: Any, source: str = "filter spec") -> FilterSpec:
 
 
 def load_filter_spec(path: str | Path) -> FilterSpec:
-    """Read and validate a filter spec YAML file."""
-    path = Path(path)
+    """Read and validate a filter spec YAML file (a path, or a preset name of configs/filters/)."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise FilterSpecError(f"{path}: no such filter spec file") from None
+        found = configs.locate(path, "filters")
+    except FileNotFoundError as e:
+        raise FilterSpecError(str(e).replace("filters config", "filter spec")) from None
+    try:
+        data = yaml.safe_load(found.read_text())
     except yaml.YAMLError as e:
         raise FilterSpecError(f"{path}: not valid YAML ({e})") from None
     return parse_filter_spec(data, str(path))
