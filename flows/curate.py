@@ -12,12 +12,16 @@ same input and spec finds the finished output and does nothing; a killed run lea
 
 from __future__ import annotations
 
-import argparse
-import sys
+if __name__ == "__main__":  # parse and check the command line before the imports below
+    from flows.cli import main
+
+    raise SystemExit(main("curate"))
+
 from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows import cli
 from storage import open_dataset
 from storage.output import preflight
 from storage.tracking import log_dataset, stage_run
@@ -34,6 +38,7 @@ from tasks.curate import (
 )
 from tasks.curation.run import REJECTED_NAME, curation_identity
 from tasks.curation.spec import FilterSpec, load_filter_spec, parse_filter_spec
+from tasks.params.curate import CurateParams
 
 
 @flow(name="curate", flow_run_name="curate-{output}")
@@ -100,40 +105,9 @@ def curate(
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m flows.curate", description=__doc__.split("\n")[0])
-    p.add_argument("--input", required=True, help="crawled dataset (folder or fsspec URL)")
-    p.add_argument("--output", required=True, help="curated dataset to write (folder or URL)")
-    p.add_argument("--filters", required=True, help="filter spec YAML (configs/filters/*.yaml)")
-    p.add_argument(
-        "--eval-dir",
-        action="append",
-        dest="eval_dirs",
-        metavar="DIR",
-        help="evaluation images to decontaminate against (repeatable; replaces the spec's "
-        "near_duplicates.eval_dirs)",
-    )
-    p.add_argument("--num-shards", type=int, help="output shards (default: the spec's)")
-    p.add_argument("--workers", type=int, default=0, help="image decoding processes (0: inline)")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="redo even if the output is up to date, replacing whatever OUTPUT holds",
-    )
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    result = curate(
-        input=args.input,
-        output=args.output,
-        filters=args.filters,
-        eval_dirs=args.eval_dirs,
-        num_shards=args.num_shards,
-        workers=args.workers,
-        force=args.force,
-    )
+def run(params: CurateParams) -> int:
+    """The command line's work, after flows/cli.py parsed and checked it."""
+    result = curate(**params.model_dump())
     word = "already curated" if result.skipped else "curated"
     print(f"\n{result.dataset}: {word}, {result.kept} of {result.input_samples} samples kept")
     print(f"{'filter':<18}{'removed':>9}")
@@ -143,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["curate", "filter_table", "main"]
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("curate", argv)
 
-if __name__ == "__main__":
-    sys.exit(main())
+
+__all__ = ["curate", "filter_table", "main", "run"]

@@ -18,15 +18,19 @@ model, suite, root, tasks and precision returns the recorded result (--force rec
 
 from __future__ import annotations
 
-import argparse
-import sys
+if __name__ == "__main__":  # parse and check the command line before the imports below
+    from flows.cli import main
+
+    raise SystemExit(main("evaluate"))
+
 from pathlib import Path
 
 import mlflow
 from prefect import flow, get_run_logger
 
 from clip_model.checkpoint import resolve_weights
-from clip_model.precision import PRECISIONS, accepted_spellings, parse_precision
+from clip_model.precision import parse_precision
+from flows import cli
 from storage.tracking import stage_run
 from tasks.evaluate import (
     EvaluateResult,
@@ -44,6 +48,7 @@ from tasks.evaluate import (
     run_evaluation,
     write_results,
 )
+from tasks.params.evaluate import EvaluateParams
 
 
 def _run_name() -> str:
@@ -145,45 +150,9 @@ def evaluate(
     return result
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m flows.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="model weights (ours, OpenAI, OpenCLIP)")
-    p.add_argument("--suite", required=True, help="eval suite YAML (configs/eval/*.yaml)")
-    p.add_argument("--root", help='replaces "{root}" in the suite\'s paths (e.g. the sample dir)')
-    p.add_argument("--output", help="results folder (default: data/eval/<suite name>)")
-    p.add_argument(
-        "--tasks",
-        type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
-        help="comma-separated task names (default: every task of the suite)",
-    )
-    p.add_argument(
-        "--model",
-        help="the architecture, when the weights do not say it: a preset as OpenCLIP names it "
-        "(ViT-B-32 is GELU, ViT-B-32-quickgelu OpenAI's) or a config YAML/JSON",
-    )
-    p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=list(PRECISIONS),
-        metavar="PRECISION",
-        help=f"{accepted_spellings()} (docs/checkpoints.md)",
-    )
-    p.add_argument("--tokenizer", help="tokenizer file (default: the checkpoint's, or OpenAI's)")
-    p.add_argument("--force", action="store_true", help="recompute even if already evaluated")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0, ...")
-    p.add_argument("--workers", dest="num_workers", type=int, default=0, help="image loaders")
-    p.add_argument(
-        "--allow-torchscript",
-        action="store_true",
-        help="load a TorchScript checkpoint (OpenAI's .pt releases): it runs the file's code",
-    )
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    result = evaluate(**vars(args))
+def run(params: EvaluateParams) -> int:
+    """The command line's work, after flows/cli.py parsed and checked it."""
+    result = evaluate(**params.model_dump())
     word = "already evaluated" if result.skipped else "evaluated"
     print(f"\n{result.checkpoint}: {word} on {result.suite}")
     print(format_results_table(result.metrics))
@@ -191,5 +160,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("evaluate", argv)

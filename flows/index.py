@@ -14,21 +14,37 @@ images/s) and the index's manifest is kept as an artifact.
 
 from __future__ import annotations
 
-import argparse
-import sys
+if __name__ == "__main__":  # parse and check the command line before the imports below
+    from flows.cli import main
+
+    raise SystemExit(main("index"))
+
 import time
 
 import mlflow
 from prefect import flow, get_run_logger
-from tqdm import tqdm
 
 from clip_model.checkpoint import load_clip
-from clip_model.precision import PRECISIONS, accepted_spellings, parse_precision
+from clip_model.precision import parse_precision
+from clip_model.progress import progress_bar
+from flows import cli
 from storage import open_dataset
 from storage.embeddings import EmbeddingStore, choose_spec
 from storage.tracking import log_dataset, stage_run
 from tasks.index import IndexResult, build_index, embed_shard, plan_index
+from tasks.params.index import IndexParams
 from tasks.search import ClipEncoder
+
+
+class _ImageCount:
+    """Images embedded so far, shown beside the shard bar (embed_shard reports every batch)."""
+
+    def __init__(self, bar, total: int):
+        self.bar, self.total, self.done = bar, total, 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        self.bar.set_postfix_str(f"{self.done}/{self.total} images", refresh=True)
 
 
 @flow(name="index", flow_run_name="index-{output}", log_prints=True)
@@ -75,12 +91,15 @@ def index(
         )
         encoder = ClipEncoder(clip, device=device, batch_size=batch_size, precision=precision)
         t0, images = time.perf_counter(), 0
-        with tqdm(total=sum(sizes[s.name] for s in pending), unit="img", desc="embed") as bar:
+        # a bar per shard (quiet when stderr is not a terminal), the images counted beside it
+        with progress_bar(total=len(pending), unit="shard", desc="embed") as bar:
+            counter = _ImageCount(bar, sum(sizes[s.name] for s in pending))
             for entry in pending:
-                done = embed_shard(dataset, output, entry, encoder, dtype=dtype, progress=bar)
+                done = embed_shard(dataset, output, entry, encoder, dtype=dtype, progress=counter)
                 images += done.num_vectors
                 shards = [done if s.name == done.name else s for s in manifest.shards]
                 manifest = store.write_manifest(manifest.model_copy(update={"shards": shards}))
+                bar.update(1)
         seconds = time.perf_counter() - t0
         manifest, rebuilt = build_index(output, manifest, kind)
         images_per_s = images / seconds if images else 0.0
@@ -109,48 +128,9 @@ def index(
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m flows.index", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="model weights (ours, OpenAI, OpenCLIP)")
-    p.add_argument("--data", required=True, help="dataset folder or fsspec URL")
-    p.add_argument("--output", required=True, help="index folder or fsspec URL")
-    p.add_argument(
-        "--kind",
-        default="auto",
-        choices=["auto", "flat", "ivf", "hnsw"],
-        help="FAISS index kind (auto: exact up to 100k vectors, IVF above)",
-    )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "float16"],
-        help="embedding files on disk (float16: half the size, scores rounded to ~1e-3)",
-    )
-    p.add_argument(
-        "--model",
-        help="the architecture, when the weights do not say it: a preset as OpenCLIP names it "
-        "(ViT-B-32 is GELU, ViT-B-32-quickgelu OpenAI's) or a config YAML/JSON",
-    )
-    p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=list(PRECISIONS),
-        metavar="PRECISION",
-        help=f"{accepted_spellings()} (docs/checkpoints.md)",
-    )
-    p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--allow-torchscript",
-        action="store_true",
-        help="load a TorchScript checkpoint (OpenAI's .pt releases): it runs the file's code",
-    )
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    result = index(**vars(args))
+def run(params: IndexParams) -> int:
+    """The command line's work, after flows/cli.py parsed and checked it."""
+    result = index(**params.model_dump())
     print(
         f"\n{result.index}: {result.vectors} vectors ({result.kind}); "
         f"{result.embedded_shards} shard(s) embedded, {result.reused_shards} reused; "
@@ -164,5 +144,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("index", argv)

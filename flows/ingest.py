@@ -10,15 +10,17 @@ OUTPUT holding anything else (another crawl, another list) is refused unless --f
 
 from __future__ import annotations
 
-import argparse
-import sys
+if __name__ == "__main__":  # parse and check the command line before the imports below
+    from flows.cli import main
+
+    raise SystemExit(main("ingest"))
 
 from prefect import flow, get_run_logger
 
+from flows import cli
 from storage import MANIFEST_NAME, DatasetError, open_dataset, stage_output
 from storage.tracking import stage_run
 from tasks.ingest import (
-    CrawlParams,
     IngestResult,
     commit_shards,
     count_outcomes,
@@ -31,6 +33,7 @@ from tasks.ingest import (
     seal_dataset,
     url_list_digest,
 )
+from tasks.params.ingest import CrawlParams, IngestParams
 
 
 @flow(name="ingest", flow_run_name="ingest-{output}", log_prints=True)
@@ -124,35 +127,14 @@ def print_summary(result: IngestResult) -> None:
         print(f"{result.images_per_s:.1f} images/s")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m flows.ingest", description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--url-list", required=True, help="Parquet, CSV, TSV or JSONL; path or fsspec URL"
+def run(params: IngestParams) -> int:
+    """The command line's work, after flows/cli.py parsed and checked it."""
+    result = ingest(
+        url_list=params.url_list, output=params.output, params=params.crawl(), force=params.force
     )
-    p.add_argument("--output", required=True, help="dataset folder or fsspec URL")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="replace whatever OUTPUT holds (another crawl, another list), recrawling",
-    )
-    defaults = CrawlParams()
-    for name, field in CrawlParams.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        default = getattr(defaults, name)
-        if isinstance(default, list):
-            p.add_argument(flag, nargs="*", default=default, help=field.description)
-        else:
-            p.add_argument(flag, type=field.annotation, default=default, help=field.description)
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = vars(parse_args(argv))
-    url_list, output, force = args.pop("url_list"), args.pop("output"), args.pop("force")
-    result = ingest(url_list=url_list, output=output, params=CrawlParams(**args), force=force)
     print_summary(result)
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("ingest", argv)

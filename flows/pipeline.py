@@ -14,16 +14,17 @@ after a failure resumes at the stage that failed.
 
 from __future__ import annotations
 
-import argparse
-import sys
-from typing import Any
+if __name__ == "__main__":  # parse and check the command line before the imports below
+    from flows.cli import main
+
+    raise SystemExit(main("pipeline"))
 
 import mlflow
-import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
+from flows import cli
 from flows.curate import curate
 from flows.evaluate import evaluate
 from flows.ingest import ingest, print_summary
@@ -31,6 +32,7 @@ from flows.train import train
 from storage.tracking import stage_run, tracking_uri
 from tasks.evaluate import format_results_table, mlflow_metrics
 from tasks.ingest import IngestResult
+from tasks.params.pipeline import PipelineParams
 from tasks.pipeline import (
     PipelineConfig,
     load_profile,
@@ -124,32 +126,9 @@ def clip_pipeline(profile: str = "tiny", config: PipelineConfig | None = None) -
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--profile", default="tiny", help="a profile in configs/pipeline/ or a YAML path"
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a profile field, e.g. train.settings.max_steps=50 (YAML value)",
-    )
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    overrides: dict[str, Any] = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
-    cfg = load_profile(args.profile, overrides)
-    result = clip_pipeline(profile=args.profile, config=cfg)
+def run(params: PipelineParams) -> int:
+    """The command line's work, after flows/cli.py parsed and checked it."""
+    result = clip_pipeline(profile=params.profile, config=params.config())
     print_summary(result.crawl)
     print(f"\nZero-shot results of {result.checkpoint}:")
     print(format_results_table(result.metrics))
@@ -159,5 +138,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("pipeline", argv)

@@ -1,24 +1,28 @@
-# The sample web: generate the small, seeded internet the crawler is tested against, and
-# optionally serve it on 127.0.0.1 until Ctrl-C.
-#
-#   python -m flows.sample --out data/sample                  # generate (about 10 s)
-#   python -m flows.sample --out data/sample --serve          # generate, then serve on :8765
-#   python -m flows.sample --out data/sample --seed 1 --port 9000 --serve
-#
-# It writes DIR/www (the served files), DIR/urls.parquet (url, caption, expected defect label),
-# DIR/expected.json (rows per label and the crawl outcome of each) and DIR/eval (the held-out
-# evaluation set, never crawled). See tasks/sample_web/ for the URL scheme and the defects.
+"""The sample web: generate the seeded internet the crawler is tested against (and serve it).
+
+    python -m flows.sample --out data/sample                  # generate (about 10 s)
+    python -m flows.sample --out data/sample --serve          # generate, then serve on :8765
+    python -m flows.sample --out data/sample --seed 1 --port 9000 --serve
+
+It writes DIR/www (the served files), DIR/urls.parquet (url, caption, expected defect label),
+DIR/expected.json (rows per label and the crawl outcome of each) and DIR/eval (the held-out
+evaluation set, never crawled). See tasks/sample_web/ for the URL scheme and the defects.
+"""
+
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # parse and check the command line before the imports below
+    from flows.cli import main
+
+    raise SystemExit(main("sample"))
+
 import time
 
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
-# The environment defaults live in flows/__init__.py, which Python runs before this module as its
-# parent package, so they are set before the prefect import above.
-import flows  # noqa: F401
+from flows import cli
+from tasks.params.sample import SampleParams
 from tasks.sample_web import (
     DEFAULT_PORT,
     OUTCOMES,
@@ -54,22 +58,8 @@ def sample_web(out: str, seed: int = 0, port: int = DEFAULT_PORT) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.sample",
-        description="Generate the sample web; --serve then serves it until Ctrl-C.",
-    )
-    parser.add_argument("--out", required=True, help="folder to write the sample web into")
-    parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=DEFAULT_PORT,
-        help=f"port the URL list points at and --serve listens on (default {DEFAULT_PORT})",
-    )
-    parser.add_argument("--serve", action="store_true", help="then serve it until Ctrl-C")
-    args = parser.parse_args(argv)
-
+def run(args: SampleParams) -> int:
+    """The command line's work, after flows/cli.py parsed and checked it."""
     summary = sample_web(args.out, seed=args.seed, port=args.port)
     print(f"{summary['rows']} URL rows in {summary['url_list']}")
     for label, n in summary["labels"].items():
@@ -83,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
                     time.sleep(3600)
             except KeyboardInterrupt:
                 print("stopped")
+    return 0
 
 
-if __name__ == "__main__":
-    main()
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("sample", argv)

@@ -13,12 +13,18 @@ tasks/search.py (`SearchIndex`).
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # parse and check the command line before the imports below
+    from flows.cli import main
+
+    raise SystemExit(main("search"))
+
 import logging
 import sys
 
 from clip_model.checkpoint import CheckpointError
+from flows import cli
 from storage.embeddings import IndexFormatError
+from tasks.params.search import SearchParams
 from tasks.search import Hit, SearchError, SearchIndex, create_app
 
 
@@ -31,38 +37,8 @@ def format_hits(hits: list[Hit]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m flows.search", description=__doc__.split("\n")[0])
-    p.add_argument("--index", required=True, help="index folder written by flows.index")
-    p.add_argument("--text", help="text query")
-    p.add_argument("--image", help="image query: a JPEG/PNG/WebP file")
-    p.add_argument(
-        "--weight", type=float, default=0.5, help="text's share when both are given (0..1)"
-    )
-    p.add_argument("-k", type=int, default=10, help="results (more than the index: all of them)")
-    p.add_argument("--checkpoint", help="the index's model, if not at the path it recorded")
-    p.add_argument("--data", help="the dataset, if it moved since the index was built")
-    p.add_argument(
-        "--model",
-        help="the checkpoint's architecture when its weights do not say it and the index did "
-        "not record it: a preset as OpenCLIP names it, or a config YAML/JSON",
-    )
-    p.add_argument(
-        "--allow-torchscript",
-        action="store_true",
-        help="load a TorchScript checkpoint (OpenAI's .pt releases): it runs the file's code",
-    )
-    p.add_argument("--serve", action="store_true", help="serve the search page instead")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    args = p.parse_args(argv)
-    if not args.serve and args.text is None and args.image is None:
-        p.error("give --text and/or --image, or --serve")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: SearchParams) -> int:
+    """The command line's work, after flows/cli.py parsed and checked it."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         index = SearchIndex.open(
@@ -94,5 +70,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("search", argv)

@@ -12,15 +12,18 @@ model. It returns where the checkpoints are and the final metrics.
 
 from __future__ import annotations
 
-import argparse
-import sys
+if __name__ == "__main__":  # parse and check the command line before the imports below
+    from flows.cli import main
+
+    raise SystemExit(main("train"))
 
 import mlflow
 from prefect import flow
 
-from clip_model.precision import PRECISIONS, accepted_spellings
+from flows import cli
 from storage import open_dataset
 from storage.tracking import log_dataset, stage_run, tracking_uri
+from tasks.params.train import TrainParams
 from tasks.train import (
     TrainResult,
     finished_training,
@@ -89,41 +92,12 @@ def train(
     return result
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m flows.train", description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="dataset folder or fsspec URL")
-    p.add_argument("--model", help="model preset name or YAML path (default: tiny)")
-    p.add_argument("--out", dest="out_dir", help="run folder (checkpoints, metrics, tokenizer)")
-    p.add_argument("--config", help="a TrainConfig YAML (configs/train/*.yaml)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="per device")
-    p.add_argument("--devices", type=int, help="processes (GPUs, or CPU ranks with gloo)")
-    p.add_argument("--accelerator", choices=["auto", "cpu", "gpu", "cuda", "mps"])
-    p.add_argument(
-        "--precision",
-        choices=list(PRECISIONS),
-        metavar="PRECISION",
-        help=f"{accepted_spellings()} (clip_model/precision.py)",
-    )
-    p.add_argument("--registered-model", help="MLflow model registry name")
-    p.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other TrainConfig field, dotted for nested (repeatable)",
-    )
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = vars(parse_args(argv))
-    result = train(**args)
+def run(params: TrainParams) -> int:
+    """The command line's work, after flows/cli.py parsed and checked it."""
+    result = train(**params.model_dump())
     print(result.model_dump_json(indent=2))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("train", argv)

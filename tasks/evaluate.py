@@ -39,13 +39,7 @@ from clip_model.checkpoint import (
     load_clip,
 )
 from clip_model.eval_callback import loggable_metrics, quick_suite
-from clip_model.eval_data import (
-    read_classification,
-    read_classnames,
-    read_retrieval,
-    read_templates,
-)
-from clip_model.eval_suite import EvalSuite, EvalTask, load_suite
+from clip_model.eval_suite import EvalSuite, load_suite
 from clip_model.evaluate import (
     TaskResult,
     plot_confusion_matrix,
@@ -54,6 +48,7 @@ from clip_model.evaluate import (
 )
 from clip_model.precision import parse_precision
 from storage.fs import atomic_write_bytes, sha256_file
+from tasks.params.evaluate import check_task_data
 
 __all__ = [
     "EvaluateResult",
@@ -125,32 +120,6 @@ def load_model(
     ) from None
 
 
-def _check_task_data(task: EvalTask) -> int:
-    """Read a task's dataset listing (not its images): an EvalDataError naming the file at
-    fault now rather than after the tasks before it were computed. Returns the image count."""
-    if task.type == "retrieval":
-        return len(read_retrieval(task.dataset, format=task.format, split=task.split).images)
-    classnames = task.classnames
-    if task.classnames_file is not None:
-        classnames = read_classnames(Path(task.classnames_file))
-    templates = task.templates
-    if task.templates_file is not None:
-        templates = read_templates(Path(task.templates_file))
-    splits = [task.split] + ([task.train_split] if task.train_split else [])
-    return sum(
-        len(
-            read_classification(
-                task.dataset,
-                format=task.format,
-                split=split,
-                classnames=classnames,
-                templates=templates,
-            ).images
-        )
-        for split in splits
-    )
-
-
 @task(name="load-eval-suite", cache_policy=NONE)
 def load_eval_suite(
     suite: str, root: str | None = None, tasks: Sequence[str] | None = None
@@ -159,7 +128,7 @@ def load_eval_suite(
     logger = get_run_logger()
     loaded = quick_suite(load_suite(suite, root=root), tasks=tasks)
     for t in loaded.tasks:
-        n = _check_task_data(t)
+        n = check_task_data(t)
         limit = f" (first {t.max_images} used)" if t.max_images and t.max_images < n else ""
         logger.info("task %s: %s, %d images in %s%s", t.name, t.type, n, t.dataset, limit)
     return loaded

@@ -23,7 +23,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from storage import Manifest, ShardEntry, describe_shard, write_manifest
@@ -37,6 +36,7 @@ from tasks.ingest_report import (
     publish_report,
     reason_table,
 )
+from tasks.params.ingest import CrawlParams
 from tasks.url_list import (
     NETWORK_RETRIES,
     STAGING,
@@ -68,31 +68,6 @@ __all__ = [
 CRAWL_DIR = f"{STAGING}/shards"  # img2dataset's output folder: every *.json there is a shard
 # how a crawl is run, not what it yields: a resumed crawl may change them
 RUN_ONLY_PARAMS = {"processes_count", "thread_count"}
-
-
-class CrawlParams(BaseModel):
-    """What img2dataset is asked to do; recorded in the manifest and in MLflow."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    url_col: str = "url"
-    caption_col: str = "caption"
-    keep_columns: list[str] = Field(default_factory=list, description="extra columns to keep")
-    image_size: int = Field(64, gt=0)
-    resize_mode: str = Field(
-        "center_crop", pattern="^(no|border|keep_ratio|keep_ratio_largest|center_crop)$"
-    )
-    min_image_size: int = Field(0, ge=0)
-    max_aspect_ratio: float = Field(float("inf"), gt=0)
-    timeout: float = Field(10, gt=0, description="seconds per request")
-    retries: int = Field(0, ge=0)
-    processes_count: int = Field(2, gt=0)
-    thread_count: int = Field(64, gt=0)
-    samples_per_shard: int = Field(1000, gt=0)
-    encode_quality: int = Field(95, ge=1, le=100)
-    disallowed_header_directives: list[str] = Field(
-        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
-    )
 
 
 def crawl_identity(url_list_digest: str, params: CrawlParams) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -22,6 +21,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
 from storage.fs import atomic_open, filesystem, join
+from tasks.params.ingest import URL_LIST_FORMATS, check_columns, url_list_format
 
 if TYPE_CHECKING:
     from tasks.ingest import CrawlParams
@@ -37,7 +37,6 @@ __all__ = [
 ]
 
 STAGING = ".ingest"  # the crawl's bookkeeping in its output (staged URL list, the img2dataset call)
-URL_LIST_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
 
 
 def transient_failure(task, task_run, state) -> bool:
@@ -80,17 +79,6 @@ def _check_writable(output: str) -> None:
         raise PermissionError(f"output {output!r} is not writable ({e})") from e
 
 
-def _format_of(path: str) -> str:
-    suffix = PurePosixPath(path.split("?")[0]).suffix.lower()
-    kind = URL_LIST_FORMATS.get(suffix)
-    if kind is None:
-        raise ValueError(
-            f"URL list {path!r}: unsupported file type {suffix or '(none)'!r}; "
-            f"accepted: {', '.join(URL_LIST_FORMATS)}"
-        )
-    return kind
-
-
 def _read_bytes(path: str) -> bytes:
     """The URL list's bytes. I/O errors stay OSErrors, so a reset connection or an object store
     timing out is retried (NETWORK_RETRIES); a missing file is named and fails at once."""
@@ -123,7 +111,7 @@ def _parse_table(data: bytes, kind: str, path: str) -> pa.Table:
 @task(name="url-list-digest", **NETWORK_RETRIES)
 def url_list_digest(path: str) -> str:
     """The URL list's sha256: with the crawl parameters, the identity its output is bound to."""
-    _format_of(path)  # an unsupported file type fails before anything is read
+    url_list_format(path)  # an unsupported file type fails before anything is read
     return "sha256:" + hashlib.sha256(_read_bytes(path)).hexdigest()
 
 
@@ -135,7 +123,7 @@ def read_url_list(
 
     `digest`: the sha256 the run was bound to; a list that changed since is refused."""
     _check_writable(output)
-    kind = _format_of(path)
+    kind = url_list_format(path)
     data = _read_bytes(path)
     read_digest = "sha256:" + hashlib.sha256(data).hexdigest()
     if digest is not None and read_digest != digest:
@@ -144,14 +132,7 @@ def read_url_list(
             f"{read_digest[:19]}); rerun once it is no longer being written"
         )
     table = _parse_table(data, kind, path)
-    wanted = [("--url-col", params.url_col), ("--caption-col", params.caption_col)]
-    wanted += [("--keep-columns", c) for c in params.keep_columns]
-    for flag, column in wanted:
-        if column not in table.column_names:
-            raise ValueError(
-                f"URL list {path!r} has no column {column!r} ({flag}); "
-                f"its columns are: {', '.join(table.column_names)}"
-            )
+    check_columns(path, table.column_names, params)  # the command line's check, the same words
     if table.num_rows == 0:
         raise ValueError(f"URL list {path!r} has no rows")
     columns = {

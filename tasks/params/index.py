@@ -1,0 +1,45 @@
+"""Parameters of the `index` stage: a dataset embedded with a CLIP into a FAISS index."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tasks.params import MODEL_HELP, check_dataset, check_file, check_precision, precision_help
+
+__all__ = ["IndexParams"]
+
+
+class IndexParams(BaseModel):
+    """The `index` command line; the flow's parameters, one for one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str = Field(description="model weights (ours, OpenAI, OpenCLIP)")
+    data: str = Field(description="dataset folder or fsspec URL")
+    output: str = Field(description="index folder or fsspec URL")
+    kind: Literal["auto", "flat", "ivf", "hnsw"] = Field(
+        "auto", description="FAISS index kind (auto: exact up to 100k vectors, IVF above)"
+    )
+    batch_size: int = Field(64, gt=0, description="images per embedding batch")
+    dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="embedding files on disk (float16: half the size, scores rounded to ~1e-3)",
+    )
+    model: str | None = Field(None, description=MODEL_HELP)
+    precision: str = Field("fp32", description=precision_help())
+    device: str = Field("cpu", description="cpu, cuda, cuda:0, ...")
+    allow_torchscript: bool = Field(
+        False,
+        description="load a TorchScript checkpoint (OpenAI's .pt releases): it runs the file's code",
+    )
+
+    _precision = field_validator("precision")(check_precision)
+
+    def check(self) -> None:
+        """The checkpoint exists and the dataset opens; the index is not written into it."""
+        check_file(self.checkpoint, "--checkpoint")
+        check_dataset(self.data, "--data")
+        if self.output.rstrip("/") == self.data.rstrip("/"):
+            raise ValueError(f"--output {self.output}: is the dataset itself; give another folder")
