@@ -104,6 +104,59 @@ def test_search_needs_a_query(tmp_path):
     assert line == "error: give --text and/or --image, or --serve"
 
 
+def test_train_refuses_a_missing_dataset_naming_the_flag(tmp_path):
+    p = run_cli("flows.train", "--data", str(tmp_path / "nope"), "--max-steps", "5")
+    assert refused(p).endswith("--data " + str(tmp_path / "nope") + ": no such dataset folder")
+
+
+def test_train_blames_options_and_set_items_not_the_config_file(tmp_path):
+    data = str(tmp_path / "nope")
+    line = refused(run_cli("flows.train", "--data", data, "--config", "tiny", "--set", "lrr=1"))
+    assert line.startswith(
+        "error: --set lrr=1: lrr: Extra inputs are not permitted (did you mean lr?)"
+    )
+    line = refused(run_cli("flows.train", "--data", data, "--max-epochs", "2", "--config", "tiny"))
+    assert "tiny with --max-epochs 2: set exactly one of max_steps and max_epochs" in line
+    line = refused(run_cli("flows.train", "--data", data, "--max-steps", "5", "--model", "ViT-Q"))
+    assert "unknown model 'ViT-Q'" in line and "ViT-B-32" in line
+
+
+def test_curate_refuses_a_folder_that_is_not_a_dataset(tmp_path):
+    p = run_cli("flows.curate", "--input", str(tmp_path), "--output", str(tmp_path / "c"),
+                "--filters", "sample")  # fmt: skip
+    assert "--input " + str(tmp_path) + ": not a dataset (no manifest.json" in refused(p)
+
+
+def test_curate_refuses_an_unknown_filter_spec_listing_the_presets(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    p = run_cli("flows.curate", "--input", str(tmp_path), "--output", str(tmp_path / "c"),
+                "--filters", "strict")  # fmt: skip
+    assert (
+        "filter spec 'strict': no such file; expected a preset (datacomp_basic, sample)"
+        in refused(p)
+    )
+
+
+def test_evaluate_refuses_a_missing_checkpoint_then_an_unknown_task(tmp_path):
+    line = refused(
+        run_cli("flows.evaluate", "--checkpoint", str(tmp_path / "w.pt"), "--suite", "sample")
+    )
+    assert line == f"error: --checkpoint {tmp_path / 'w.pt'}: no such file"
+    (tmp_path / "w.pt").write_bytes(b"")
+    p = run_cli("flows.evaluate", "--checkpoint", str(tmp_path / "w.pt"), "--suite", "sample",
+                "--root", str(tmp_path), "--tasks", "digits,birds")  # fmt: skip
+    assert "suite sample has no task ['birds']; it has ['digits'" in refused(p)
+
+
+def test_index_and_sample_refuse_bad_choices_and_ranges(tmp_path):
+    p = run_cli(
+        "flows.index", "--checkpoint", "w.pt", "--data", "d", "--output", "o", "--kind", "lsh"
+    )
+    assert "--kind: invalid choice: 'lsh' (choose from 'auto', 'flat', 'ivf', 'hnsw')" in refused(p)
+    p = run_cli("flows.sample", "--out", str(tmp_path / "s"), "--port", "99999")
+    assert refused(p) == "error: --port: Input should be less than or equal to 65535 (got 99999)"
+
+
 def test_a_missing_required_flag_is_one_line(tmp_path):
     line = refused(run_cli("flows.ingest", "--output", "o"))
     assert "the following arguments are required: --url-list" in line
@@ -231,3 +284,23 @@ def test_the_index_manifest_name_is_storages():
     from tasks.params.search import INDEX_MANIFEST as LIGHT
 
     assert LIGHT == INDEX_MANIFEST
+
+
+@pytest.mark.parametrize("stage", ["curate", "train", "evaluate", "index"])
+def test_each_flow_takes_exactly_its_models_parameters(stage):
+    """The command line passes the model's fields to the flow as keywords: a parameter added to
+    one and not the other fails here, not at a user's first run."""
+    import importlib
+    import inspect
+
+    flow = getattr(importlib.import_module(f"flows.{stage}"), stage)
+    signature = inspect.signature(flow.fn)
+    for name, field in model_of(stage).model_fields.items():
+        assert name in signature.parameters, f"flows.{stage}.{stage} has no parameter {name}"
+        default = signature.parameters[name].default
+        if not field.is_required():
+            assert default == field.get_default(call_default_factory=True), name
+    for name, parameter in signature.parameters.items():
+        assert (
+            name in model_of(stage).model_fields or parameter.default is not inspect.Parameter.empty
+        )

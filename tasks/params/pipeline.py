@@ -210,7 +210,7 @@ def check_stage_configs(cfg: PipelineConfig, overrides: list[Override] = ()) -> 
     columns), so a bad one fails before any stage runs. `overrides`: the `--set` items the
     profile was loaded with, so a training setting is blamed on the item that gave it."""
     from clip_model.eval_suite import load_suite
-    from clip_model.train import load_config
+    from clip_model.train_config import load_config
     from tasks.curation.spec import load_filter_spec
     from tasks.params.ingest import check_columns, url_list_columns
 

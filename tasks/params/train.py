@@ -74,15 +74,15 @@ class TrainParams(BaseModel):
         + precision_help(),
     )
     registered_model: str | None = Field(None, description="MLflow model registry name")
-    settings: list[str] = Field(
-        default_factory=list,
+    settings: list[str] | None = Field(
+        None,
         description="any other TrainConfig field, dotted for nested (a YAML value; repeatable)",
         json_schema_extra=cli("--set", repeat=True, metavar="KEY=VALUE"),
     )
 
     def overrides(self) -> list[Override]:
         options = self.model_dump(exclude={"config", "settings"})
-        return option_overrides(options) + parse_overrides(self.settings, flag="--set")
+        return option_overrides(options) + parse_overrides(self.settings or [], flag="--set")
 
     _precision = field_validator("precision")(check_precision)
 
@@ -90,7 +90,7 @@ class TrainParams(BaseModel):
         """The resolved TrainConfig validates (its errors name the flag, --set item or config
         file at fault), its model preset exists, and the dataset opens."""
         from clip_model.config import ModelConfig
-        from clip_model.train import load_config
+        from clip_model.train_config import load_config
 
         cfg = load_config(self.config, self.overrides())
         try:
