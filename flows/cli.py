@@ -20,6 +20,11 @@ Prefect, no torch, no MLflow). `main(stage)`:
 A flow module hands `python -m flows.<stage>` to this module at its very top, before its own
 heavy imports (`if __name__ == "__main__": raise SystemExit(main("<stage>"))`); console scripts
 (`clip-<stage>`, pyproject.toml) call the same `main`.
+
+A new stage: its parameter model in tasks/params/<stage>.py (every field with a description; a
+`check()` for what must exist), an entry in STAGES, the guard at the top of flows/<stage>.py and
+a `run(params) -> int` there, a `<stage>_command` below and its console script in pyproject.toml.
+A new flag: a field of the model (and the same keyword on the flow: tests/test_cli.py checks).
 """
 
 from __future__ import annotations
@@ -38,7 +43,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from configs import ConfigError
 from configs.overrides import explain
 
 __all__ = ["STAGES", "BadInput", "build_parser", "main", "parse"]
@@ -55,8 +59,9 @@ STAGES = {
     "pipeline": "tasks.params.pipeline:PipelineParams",
 }
 
-# What a parameter model's check() may raise for bad input; anything else is a bug (traceback).
-BadInput = (ValueError, OSError, ConfigError)
+# What a parameter model's check() raises for bad input (ConfigError, DatasetError and pydantic's
+# ValidationError are ValueErrors; a missing file an OSError); anything else is a bug: traceback.
+BadInput = (ValueError, OSError)
 
 
 class _Parser(argparse.ArgumentParser):
