@@ -45,7 +45,7 @@ from pydantic.fields import FieldInfo
 
 from configs.overrides import explain
 
-__all__ = ["STAGES", "BadInput", "build_parser", "main", "parse"]
+__all__ = ["STAGES", "BadInput", "build_parser", "main", "parse", "parse_fields"]
 
 # stage -> "module:Model" of its parameters (a light module: imported for --help)
 STAGES = {
@@ -173,9 +173,11 @@ def build_parser(stage: str, prog: str | None = None) -> argparse.ArgumentParser
     return parser
 
 
-def parse(stage: str, argv: Sequence[str] | None = None, prog: str | None = None) -> BaseModel:
-    """The stage's parameters from a command line, validated and checked. Bad input raises
-    SystemExit(2) after printing one `error: ...` line; --help prints and raises SystemExit(0)."""
+def parse_fields(
+    stage: str, argv: Sequence[str] | None = None, prog: str | None = None
+) -> BaseModel:
+    """The stage's parameters from a command line, validated field by field but not yet checked
+    against the world (files, datasets). Bad input: one `error: ...` line, SystemExit(2)."""
     model = model_of(stage)
     parser = build_parser(stage, prog)
     values = vars(parser.parse_args(argv))
@@ -189,9 +191,16 @@ def parse(stage: str, argv: Sequence[str] | None = None, prog: str | None = None
         return f"{flag} {rest}" if rest else flag
 
     try:
-        params = model.model_validate(values)
+        return model.model_validate(values)
     except ValidationError as e:
         _refuse(explain(e, model, where))
+
+
+def parse(stage: str, argv: Sequence[str] | None = None, prog: str | None = None) -> BaseModel:
+    """The stage's parameters from a command line, validated and checked (the model's
+    `check()`). Bad input raises SystemExit(2) after printing one `error: ...` line; --help
+    prints and raises SystemExit(0)."""
+    params = parse_fields(stage, argv, prog)
     try:
         check = getattr(params, "check", None)
         if check is not None:

@@ -311,20 +311,22 @@ def test_model_and_precision_flags_parse_into_the_stage_parameters(flow):
     import importlib
     import inspect
 
+    from flows.cli import parse_fields
+
     module = importlib.import_module(f"flows.{flow}")
     argv = {
         "evaluate": ["--checkpoint", "m.pt", "--suite", "s.yaml", "--precision", "amp_bf16"],
         "index": ["--checkpoint", "m.pt", "--data", "d", "--output", "o", "--precision", "amp"],
         "search": ["--index", "i", "--text", "a cat"],
     }[flow]
-    args = vars(module.parse_args([*argv, "--model", "ViT-B-32-quickgelu"]))
+    args = parse_fields(flow, [*argv, "--model", "ViT-B-32-quickgelu"]).model_dump()
     assert args["model"] == "ViT-B-32-quickgelu"
     if flow == "search":
         assert "model" in inspect.signature(module.SearchIndex.open).parameters
     else:
         inspect.signature(getattr(module, flow).fn).bind(**args)
         with pytest.raises(SystemExit):
-            module.parse_args([*argv[:-1], "fp64"])  # argparse names the accepted choices
+            parse_fields(flow, [*argv[:-1], "fp64"])  # refused, naming the accepted spellings
 
 
 def test_training_time_evaluation_refuses_a_precision_that_casts_the_weights():

@@ -108,15 +108,17 @@ def test_every_loading_cli_offers_the_opt_in_as_a_flow_parameter(flow, tmp_path)
     import importlib
     import inspect
 
+    from flows.cli import parse_fields
+
     module = importlib.import_module(f"flows.{flow}")
     argv = {
         "evaluate": ["--checkpoint", "m.pt", "--suite", "s.yaml"],
         "index": ["--checkpoint", "m.pt", "--data", "d", "--output", "o"],
         "search": ["--index", "i", "--text", "a cat"],
     }[flow]
-    args = vars(module.parse_args([*argv, "--allow-torchscript"]))
+    args = parse_fields(flow, [*argv, "--allow-torchscript"]).model_dump()
     assert args["allow_torchscript"] is True
-    assert vars(module.parse_args(argv))["allow_torchscript"] is False
+    assert parse_fields(flow, argv).allow_torchscript is False
     if flow == "search":
         assert "allow_torchscript" in inspect.signature(module.SearchIndex.open).parameters
     else:
