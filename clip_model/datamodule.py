@@ -21,24 +21,13 @@ mid-epoch resume exact without replaying the epoch:
   replacement, not a draw, so every batch consumes exactly `batch_size` raw samples and the
   resume arithmetic stays exact). The counts travel with each batch to the main process.
 
-JPEG decoding, measured on this machine's 2 shared cores (random-content JPEGs, quality 90,
-microseconds per image decoded to RGB; "draft"/"reduced" decode at 1/2..1/8 scale for a 64 px
-target; "-> PIL" adds the conversion the random crop needs, it takes a PIL image):
-
-    source    PIL   PIL draft   cv2.imdecode   cv2 -> PIL   cv2 reduced (no PIL)
-    64 px     150      138            41            81            42
-    256 px    689      230           402           486           152
-    512 px   1930      624          1047          1320           594
-
-So: OpenCV when the source is about the training side (2x Pillow), Pillow's draft mode when it
-is at least twice as large (3x plain Pillow; on par with OpenCV's reduced decode plus the
-conversion, and it keeps Pillow's colour handling).
+Images decode with clip_model.images (the one decoder; a JPEG at least twice the training size
+decodes in draft mode at a reduced scale); a pixel bomb or undecodable image is a bad sample.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import random
 import warnings
@@ -47,21 +36,18 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
-import cv2
 import lightning as L
-import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from clip_model.images import decode_image
 from storage import Dataset, DatasetError, open_dataset
 from storage.fs import filesystem
 
-__all__ = ["ClipDataModule", "DataPosition", "decode_image", "is_validation_key"]
+__all__ = ["ClipDataModule", "DataPosition", "is_validation_key"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-cv2.setNumThreads(1)  # one decode per worker process; OpenCV's own pool only adds contention
 
 
 # ---- small pure helpers ---------------------------------------------------------------------
@@ -78,19 +64,6 @@ def is_validation_key(key: str, fraction: float) -> bool:
     if fraction <= 0:
         return False
     return _seed("val", key) / 2**64 < fraction
-
-
-def decode_image(data: bytes, target_size: int) -> Image.Image:
-    """RGB PIL image from encoded bytes, decoded as fast as this machine allows (see top)."""
-    if data[:3] == b"\xff\xd8\xff":  # JPEG: draft mode decodes at 1/2, 1/4 or 1/8 scale
-        image = Image.open(io.BytesIO(data))
-        if min(image.size) >= 2 * target_size:
-            image.draft("RGB", (target_size, target_size))
-            return image.convert("RGB")
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if array is None:  # not something OpenCV reads (or broken): let Pillow say why
-        return Image.open(io.BytesIO(data)).convert("RGB")
-    return Image.fromarray(cv2.cvtColor(array, cv2.COLOR_BGR2RGB))
 
 
 @dataclass(frozen=True)
@@ -160,7 +133,7 @@ class _Preprocess:
 
     def image(self, sample: dict[str, Any], seed: int | None) -> torch.Tensor:
         data = next(sample[e] for e in IMAGE_EXTS if e in sample)
-        image = decode_image(data, self.image_size)
+        image = decode_image(data, sample.get("__key__"), draft_size=self.image_size)
         if seed is not None:
             self._generator.manual_seed(seed)
         return self.image_transform(image)

@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
+from clip_model.images import decode_image
 from clip_model.templates import check_templates
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -86,18 +87,13 @@ class RetrievalData(NamedTuple):
 
 
 def load_image(ref: ImageRef) -> Image.Image:
-    """Open an image reference as an RGB PIL image; EvalDataError naming it if unreadable."""
-    import io
-
+    """An image reference decoded to RGB by clip_model.images; its errors name the reference
+    (ImageDecodeError with reason `undecodable` or `too_large`; EvalDataError if unreadable)."""
     try:
-        if isinstance(ref, TarMember):
-            image = Image.open(io.BytesIO(ref.read_bytes()))
-        else:
-            image = Image.open(ref)
-        image.load()
-    except (OSError, Image.DecompressionBombError) as err:
-        raise EvalDataError(f"{ref}: not a readable image ({err})") from err
-    return image.convert("RGB")
+        data = ref.read_bytes()
+    except OSError as err:
+        raise EvalDataError(f"{ref}: cannot be read ({err})") from err
+    return decode_image(data, str(ref))
 
 
 # --- small text files ------------------------------------------------------------------------

@@ -4,17 +4,17 @@
     out = model.predict(pd.DataFrame({"image": [jpeg_bytes, None], "text": [None, "a red circle"]}))
     out["image_embedding"][0], out["text_embedding"][1]   # L2-normalised lists of floats
 
-`image` holds encoded image bytes (JPEG, PNG, ...) or their base64 text (what JSON serving sends);
-`text` holds strings. Either column may be absent; a missing value gives a None embedding. The
-package's `clip_model` source travels with the model (`code_paths`), so loading it needs neither
-this repository nor the training run, only torch and Pillow.
+`image` holds encoded image bytes (JPEG, PNG, ...) or their base64 text (what JSON serving sends),
+decoded by clip_model.images (an image it refuses is a ValueError naming its row, with the
+`reason`); `text` holds strings. Either column may be absent; a missing value gives a None
+embedding. The package's `clip_model` source travels with the model (`code_paths`), so loading
+it needs neither this repository nor the training run, only torch, Pillow and OpenCV.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -68,19 +68,22 @@ class ClipEmbedder(mlflow.pyfunc.PythonModel):
         result: list[list[float] | None] = [None] * len(values)
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
-            features = encode([values[i] for i in chunk])
+            features = encode(chunk, [values[i] for i in chunk])
             features = torch.nn.functional.normalize(features.float(), dim=-1)
             for i, row in zip(chunk, features.tolist(), strict=True):
                 result[i] = row
         return result
 
-    def _encode_images(self, values: list) -> torch.Tensor:
-        from PIL import Image
+    def _encode_images(self, rows: list[int], values: list) -> torch.Tensor:
+        from clip_model.images import decode_image
 
-        images = [self.transform(Image.open(io.BytesIO(_image_bytes(v)))) for v in values]
+        images = [
+            self.transform(decode_image(_image_bytes(v), f"image row {row}"))
+            for row, v in zip(rows, values, strict=True)
+        ]
         return self.model.encode_image(torch.stack(images))
 
-    def _encode_texts(self, values: list) -> torch.Tensor:
+    def _encode_texts(self, rows: list[int], values: list) -> torch.Tensor:
         return self.model.encode_text(self.tokenizer([str(v) for v in values]))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None):
@@ -109,6 +112,8 @@ def log_pyfunc_model(
 
     `tokenizer`: "openai" or the path of the tokenizer JSON the model was trained with.
     """
+    from importlib.metadata import version
+
     from clip_model.checkpoint import to_state_dict
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,6 +134,7 @@ def log_pyfunc_model(
             pip_requirements=[
                 f"torch=={torch_version}",
                 "pillow",
+                f"opencv-python-headless=={version('opencv-python-headless')}",
                 "numpy",
                 "pandas",
                 "pydantic>=2",

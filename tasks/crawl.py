@@ -1,14 +1,75 @@
-"""Run img2dataset in a process's main thread: `python -m tasks.crawl CONFIG.json`.
+"""Run img2dataset with the project's image decoder: `python -m tasks.crawl CONFIG.json`.
 
 img2dataset installs a SIGINT handler, which Python allows only in the main thread (docs/design.md,
-trap 2), so the ingest task launches this module as a subprocess instead of calling it in a
-Prefect worker thread. CONFIG.json holds `img2dataset.download`'s keyword arguments.
+trap 2), so the ingest task launches this module as a subprocess when it is not in the main
+thread, and calls `download` directly when it is. CONFIG.json holds `img2dataset.download`'s
+keyword arguments.
+
+img2dataset decodes every image with OpenCV in its own worker processes, after the download and
+with no size check, and normalises modes its own way. `download` swaps in `DecodingResizer`,
+which first reads the header with clip_model.images (a pixel bomb is refused as "image too
+large", which the ingest stage counts as `too_large`, before a pixel is decoded) and hands
+img2dataset only what OpenCV decodes exactly as clip_model.images does: an 8-bit RGB or grey
+JPEG without EXIF rotation as it came, anything else (16-bit, palette, alpha, CMYK, rotated)
+decoded by clip_model.images and passed on as an uncompressed BMP. Importing clip_model.images
+also sets OpenCV's and Pillow's own caps in this process's environment, which img2dataset's
+spawned workers inherit (docs/design.md, trap 13).
 """
 
 from __future__ import annotations
 
+import importlib
+import io
 import json
+import signal
 import sys
+from typing import Any
+
+from img2dataset.resizer import Resizer
+
+from clip_model.images import ImageDecodeError, decode_image, image_header, orientation
+
+_FAILED = (None, None, None, None, None)
+
+
+def _as_opencv_decodes_it(header) -> bool:
+    """True when OpenCV's IMREAD_UNCHANGED gives exactly clip_model.images' pixels."""
+    return (
+        header.format in ("JPEG", "MPO")
+        and header.mode in ("RGB", "L")
+        and orientation(header) == 1
+    )
+
+
+class DecodingResizer(Resizer):
+    """img2dataset's Resizer behind clip_model.images: size from the header, modes normalised."""
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        data = img_stream.read()
+        try:
+            header = image_header(data)
+            if not (self.disable_all_reencoding or _as_opencv_decodes_it(header)):
+                buf = io.BytesIO()
+                decode_image(data).save(buf, "BMP")
+                data = buf.getvalue()
+        except ImageDecodeError as e:
+            return (*_FAILED, str(e))
+        return super().__call__(io.BytesIO(data), blurring_bbox_list)
+
+
+def download(kwargs: dict[str, Any]) -> None:
+    """`img2dataset.download(**kwargs)` decoding through DecodingResizer, in this process's main
+    thread; the SIGINT handler img2dataset installs is put back afterwards."""
+    # the module, not the `main` function img2dataset's __init__ exports under the same name
+    img2dataset_main = importlib.import_module("img2dataset.main")
+    previous = signal.getsignal(signal.SIGINT)
+    original = img2dataset_main.Resizer
+    img2dataset_main.Resizer = DecodingResizer
+    try:
+        img2dataset_main.download(**kwargs)
+    finally:
+        img2dataset_main.Resizer = original
+        signal.signal(signal.SIGINT, previous)
 
 
 def main(argv: list[str]) -> int:
@@ -17,9 +78,7 @@ def main(argv: list[str]) -> int:
         return 2
     with open(argv[0]) as f:
         kwargs = json.load(f)
-    from img2dataset import download
-
-    download(**kwargs)
+    download(kwargs)
     return 0
 
 

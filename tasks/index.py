@@ -19,6 +19,7 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
 from clip_model.checkpoint import LoadedClip
+from clip_model.images import ImageDecodeError, decode_image
 from storage import Dataset, DatasetError
 from storage.embeddings import (
     Dtype,
@@ -28,13 +29,7 @@ from storage.embeddings import (
     build_faiss_index,
     choose_spec,
 )
-from tasks.search import (
-    ClipEncoder,
-    ModelMismatchError,
-    SearchError,
-    decode_image,
-    model_identity,
-)
+from tasks.search import ClipEncoder, ModelMismatchError, model_identity
 
 __all__ = ["IndexResult", "build_index", "embed_shard", "plan_index"]
 
@@ -111,8 +106,9 @@ def embed_shard(
 ) -> ShardEmbeddings:
     """Embed every image and caption of one dataset shard and commit its embedding files.
 
-    An image that does not decode is left out (and counted), never a reason to stop: the row
-    order of the written vectors is that of the keys file.
+    An image that does not decode (clip_model.images: `undecodable` or `too_large`) is left out
+    and counted, never a reason to stop: the row order of the written vectors is that of the
+    keys file.
     """
     logger = get_run_logger()
     keys, captions, image_vectors, text_vectors = [], [], [], []
@@ -131,10 +127,10 @@ def embed_shard(
 
     for sample in dataset.iter_samples(shards=[entry.name]):
         try:
-            batch.append((sample.key, sample.caption, decode_image(sample.image)))
-        except SearchError as e:
+            batch.append((sample.key, sample.caption, decode_image(sample.image, sample.key)))
+        except ImageDecodeError as e:
             skipped += 1
-            logger.warning("shard %s: sample %s skipped: %s", entry.name, sample.key, e)
+            logger.warning("shard %s: sample skipped (%s): %s", entry.name, e.reason, e)
             if progress is not None:
                 progress.update(1)
         if len(batch) >= encoder.batch_size:

@@ -111,17 +111,11 @@ def _finished_shards(staging: str) -> list[str]:
 
 
 def _download_here(kwargs: dict[str, Any]) -> None:
-    """img2dataset in this process: possible only in the main thread, where its SIGINT handler
-    can be installed. The previous handler is put back afterwards."""
-    import signal
+    """img2dataset in this process (with the project's decoder, tasks/crawl.py): possible only in
+    the main thread, where its SIGINT handler can be installed."""
+    from tasks.crawl import download
 
-    from img2dataset import download
-
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        download(**kwargs)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    download(kwargs)
 
 
 def _download_in_subprocess(kwargs: dict[str, Any], logger) -> None:

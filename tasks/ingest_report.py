@@ -33,7 +33,7 @@ FAILURE_REASONS = [
     (re.compile(r"X-Robots-Tag", re.I), lambda m: "robots_disallowed"),
     (re.compile(r"image too small", re.I), lambda m: "too_small"),
     (re.compile(r"aspect ratio too large", re.I), lambda m: "aspect_ratio"),
-    (re.compile(r"image too large", re.I), lambda m: "too_large"),
+    (re.compile(r"image too large|CV_IO_MAX_IMAGE_PIXELS", re.I), lambda m: "too_large"),
     (re.compile(r"decod|truncated|cannot identify|broken data", re.I), lambda m: "undecodable"),
     (re.compile(r"Connection refused|Name or service|resolve", re.I), lambda m: "unreachable"),
     (re.compile(r"unknown url type|no host given|Invalid URL", re.I), lambda m: "invalid_url"),

@@ -8,8 +8,8 @@
 Scores are cosine similarities. A query by both embeds each, normalises each, sums them
 weighted (`weight` on the text, 1 - weight on the image) and normalises the sum.
 
-Bad input is refused with `SearchError` (empty text, an image that does not decode, no query at
-all, k < 1, a weight outside [0, 1]); an index opened with another model than the one that
+Bad input is refused with `SearchError` (empty text, an image that does not decode or is larger
+than clip_model.images accepts, no query at all, k < 1, a weight outside [0, 1]); an index opened with another model than the one that
 built it raises `ModelMismatchError`. A k larger than the index is clamped to the index size
 with a logged warning: asking for "everything" is a fair request, not a mistake.
 
@@ -19,7 +19,6 @@ with a logged warning: asking for "everything" is a fair request, not a mistake.
 
 from __future__ import annotations
 
-import io
 import logging
 import tarfile
 import threading
@@ -35,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse, Response
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from clip_model.checkpoint import LoadedClip, ModelUnknown, load_clip
+from clip_model.images import ImageDecodeError, decode_image, to_rgb
 from clip_model.precision import parse_precision
 from clip_model.transforms import eval_transform
 from storage.embeddings import (
@@ -57,8 +57,8 @@ __all__ = [
     "SearchError",
     "SearchIndex",
     "create_app",
-    "decode_image",
     "load_clip",
+    "query_picture",
 ]
 
 log = logging.getLogger(__name__)
@@ -135,22 +135,19 @@ class ClipEncoder:
         return np.concatenate(out) if out else np.zeros((0, self.model.config.embed_dim), "f4")
 
 
-def decode_image(image: bytes | Image.Image | str | Path) -> Image.Image:
-    """An RGB PIL image from bytes, a path or a PIL image; SearchError if it does not decode."""
+def query_picture(image: bytes | Image.Image | str | Path) -> Image.Image:
+    """The RGB image of a query: bytes or a file decoded by clip_model.images (a PIL image is
+    normalised the same way); SearchError, with the decoder's reason, if it does not decode."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    source = str(image) if isinstance(image, str | Path) else f"{len(image)} bytes"
-    if isinstance(image, bytes | bytearray) and not image:
-        raise SearchError("empty image: the upload holds 0 bytes")
+        return to_rgb(image)
+    name = str(image) if isinstance(image, str | Path) else f"query image ({len(image)} bytes)"
     try:
-        with Image.open(io.BytesIO(image) if isinstance(image, bytes | bytearray) else image) as im:
-            im.load()
-            return im.convert("RGB")
-    except UnidentifiedImageError:
-        reason = "not an image format PIL recognises"
-    except (OSError, Image.DecompressionBombError, SyntaxError) as e:
-        reason = str(e)
-    raise SearchError(f"image ({source}) does not decode: {reason}; expected a JPEG, PNG or WebP")
+        data = Path(image).read_bytes() if isinstance(image, str | Path) else bytes(image)
+        return decode_image(data, name)
+    except ImageDecodeError as e:
+        raise SearchError(str(e)) from None
+    except OSError as e:
+        raise SearchError(f"{name}: cannot be read ({e})") from None
 
 
 # ---- images of the dataset, by (shard, key) ----------------------------------------------------
@@ -220,7 +217,9 @@ class SearchIndex:
             )
         self.encoder = ClipEncoder(clip)
         self.images = DatasetImages(data or manifest.dataset_url, entry.shards)
-        self._lock = threading.Lock()  # one query at a time through the model and FAISS
+        # one query at a time through the model and FAISS; images decode before taking it, so
+        # one big upload never stalls the other queries
+        self._lock = threading.Lock()
 
     @classmethod
     def open(
@@ -303,13 +302,20 @@ class SearchIndex:
             return len(self)
         return k
 
-    def embed_text(self, text: str) -> np.ndarray:
+    @staticmethod
+    def _check_text(text: str) -> None:
         if not isinstance(text, str) or not text.strip():
             raise SearchError("empty text query: type at least one word")
-        return self.encoder.encode_texts([text])[0]
+
+    def embed_text(self, text: str) -> np.ndarray:
+        self._check_text(text)
+        with self._lock:
+            return self.encoder.encode_texts([text])[0]
 
     def embed_image(self, image: bytes | Image.Image | str | Path) -> np.ndarray:
-        return self.encoder.encode_images([decode_image(image)])[0]
+        picture = query_picture(image)
+        with self._lock:
+            return self.encoder.encode_images([picture])[0]
 
     def query_vectors(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """Top-k hits of each row of `vectors` (normalised [m, D] query embeddings)."""
@@ -355,9 +361,12 @@ class SearchIndex:
         if not 0.0 <= weight <= 1.0:
             raise SearchError(f"weight must lie in [0, 1] (the text's share), got {weight}")
         self._check_k(k)
+        if text is not None:
+            self._check_text(text)
+        picture = query_picture(image) if image is not None else None
         with self._lock:
-            t = self.embed_text(text) if text is not None else None
-            i = self.embed_image(image) if image is not None else None
+            t = self.encoder.encode_texts([text])[0] if text is not None else None
+            i = self.encoder.encode_images([picture])[0] if picture is not None else None
         if t is not None and i is not None:
             q = weight * t + (1.0 - weight) * i
             norm = float(np.linalg.norm(q))

@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from clip_model.checkpoint import load_clip
+from clip_model.images import decode_image
 from storage import DatasetWriter, open_dataset
 from storage.embeddings import EmbeddingStore, choose_spec
 from tasks.search import (
@@ -31,7 +32,6 @@ from tasks.search import (
     ModelMismatchError,
     SearchError,
     SearchIndex,
-    decode_image,
 )
 
 COLOURS = {

@@ -1,13 +1,13 @@
 """The image pass: decode every surviving sample once, hash it, and score it with CLIP.
 
-A sample whose image does not decode, whose shard is corrupt, or which is missing from its tar is
-reported (reason `undecodable`) instead of stopping the run. Decoding runs in torch DataLoader
+Images decode with clip_model.images. A sample whose image does not decode, whose shard is
+corrupt, or which is missing from its tar is reported (reason `undecodable`; a pixel bomb,
+`too_large`) instead of stopping the run. Decoding runs in torch DataLoader
 workers (shards split between them); CLIP runs in the main process in batches.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,27 +16,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from clip_model.images import ImageDecodeError, decode_image
 from storage import Dataset, DatasetError, read_shard
 from storage.fs import join
 from tasks.curation.near_dup import THUMB_BYTES, phash64, thumbnail
 from tasks.curation.spec import ClipScore
 
-__all__ = ["ClipScorer", "ImageFeatures", "decode", "scan_images"]
+__all__ = ["ClipScorer", "ImageFeatures", "scan_images"]
 
 log = logging.getLogger(__name__)
-
-
-def decode(data: bytes, min_size: int = 0) -> Image.Image:
-    """Fully decode image bytes (JPEG at a reduced DCT scale when it stays >= min_size)."""
-    image = Image.open(io.BytesIO(data))
-    if min_size and image.format == "JPEG" and min(image.size) >= 2 * min_size:
-        image.draft("RGB", (min_size, min_size))
-    image.load()  # raises on truncated or corrupt data
-    return image.convert("RGB")
 
 
 class ClipScorer:
@@ -94,9 +85,11 @@ class ClipScorer:
 
 @dataclass
 class ImageFeatures:
-    """Per requested row: decoded?, why not, pHash, CLIP score (NaN where not computed)."""
+    """Per requested row: decoded?, why not (reason, error), pHash, CLIP score (NaN where not
+    computed)."""
 
     ok: np.ndarray
+    reason: np.ndarray  # clip_model.images.REASONS, None where decoded
     error: np.ndarray
     phash: np.ndarray
     thumbs: np.ndarray  # [N, 48] uint8 colour thumbnails (zeros where not decoded)
@@ -106,7 +99,8 @@ class ImageFeatures:
 
 
 class _ShardScan(IterableDataset):
-    """Yields (row, error or None, phash, thumbnail, width, height, tensor) per wanted sample."""
+    """Yields (row, (reason, error) or None, phash, thumbnail, width, height, tensor) per wanted
+    sample."""
 
     def __init__(
         self,
@@ -137,21 +131,26 @@ class _ShardScan(IterableDataset):
                     if row is None or sample.key in seen:
                         continue
                     seen.add(sample.key)
-                    yield self._features(row, sample.image)
+                    yield self._features(row, sample.key, sample.image)
             except DatasetError as e:
                 problem = f"corrupt shard: {e}"
         for key, row in wanted.items():
             if key not in seen:
-                yield (row, problem or f"sample missing from {tar_url}", 0, None, 0, 0, None)
+                why = problem or f"sample missing from {tar_url}"
+                yield (row, ("undecodable", why), 0, None, 0, 0, None)
 
-    def _features(self, row: int, data: bytes) -> tuple:
+    def _features(self, row: int, key: str, data: bytes) -> tuple:
         try:
-            image = decode(data, self.min_size)
+            image = decode_image(data, key, draft_size=self.min_size)
+        except ImageDecodeError as e:
+            return (row, (e.reason, e.detail), 0, None, 0, 0, None)
+        try:
             h = phash64(image) if self.want_phash else 0
             thumb = thumbnail(image) if self.want_phash else None
             tensor = self.transform(image) if self.transform is not None else None
         except Exception as e:  # noqa: BLE001  (any decoder failure is this sample's, not the run's)
-            return (row, f"cannot decode image: {type(e).__name__}: {e}"[:300], 0, None, 0, 0, None)
+            why = f"cannot decode image: {type(e).__name__}: {e}"[:300]
+            return (row, ("undecodable", why), 0, None, 0, 0, None)
         return (row, None, h, thumb, image.width, image.height, tensor)
 
 
@@ -195,6 +194,7 @@ def scan_images(
     )
     out = ImageFeatures(
         ok=np.zeros(n, bool),
+        reason=np.full(n, None, dtype=object),
         error=np.full(n, None, dtype=object),
         phash=np.zeros(n, np.uint64),
         thumbs=np.zeros((n, THUMB_BYTES), np.uint8),
@@ -206,10 +206,11 @@ def scan_images(
     with tqdm(total=n, desc="decode" + (" + clip" if scorer else ""), disable=not progress) as bar:
         for items in loader:
             good: list[Any] = []
-            for row, error, h, thumb, w, ht, tensor in items:
+            for row, failure, h, thumb, w, ht, tensor in items:
                 seen[row] = True
-                out.error[row] = error
-                if error is None:
+                if failure is not None:
+                    out.reason[row], out.error[row] = failure
+                else:
                     out.ok[row], out.phash[row], out.widths[row], out.heights[row] = True, h, w, ht
                     if thumb is not None:
                         out.thumbs[row] = thumb

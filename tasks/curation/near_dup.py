@@ -13,7 +13,6 @@ from the table size and t. Candidates are then checked exactly with numpy's popc
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 from collections.abc import Callable, Iterable
@@ -23,6 +22,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from clip_model.images import ImageDecodeError, decode_image
 from storage.fs import filesystem, join
 
 __all__ = [
@@ -273,15 +273,13 @@ def load_eval_sets(dirs: Iterable[str]) -> EvalSet:
         for rel in _list_images(url):
             path = join(url, rel)
             try:
-                with (
-                    fs.open(filesystem(path)[1], "rb") as f,
-                    Image.open(io.BytesIO(f.read())) as im,
-                ):
-                    hashes.append(phash64(im))
-                    thumbs.append(thumbnail(im))
-            except (OSError, ValueError, Image.DecompressionBombError):
+                with fs.open(filesystem(path)[1], "rb") as f:
+                    im = decode_image(f.read(), path)
+            except (OSError, ImageDecodeError):
                 unreadable.append(path)
                 continue
+            hashes.append(phash64(im))
+            thumbs.append(thumbnail(im))
             names.append(path)
     thumbs = np.stack(thumbs) if thumbs else np.zeros((0, THUMB_BYTES), np.uint8)
     return EvalSet(np.asarray(hashes, dtype=np.uint64), thumbs, names, unreadable)

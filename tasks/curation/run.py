@@ -59,6 +59,7 @@ __all__ = [
 
 REJECTED_NAME = "rejected.parquet"
 UNDECODABLE = "undecodable"
+TOO_LARGE = "too_large"  # a pixel bomb: more pixels than clip_model.images decodes
 STAGE = "curate"
 _INTERNAL = ("shard", "_phash", "_thumb")
 
@@ -227,9 +228,11 @@ def select_samples(
                 "clip_score", pa.array(scores, mask=np.isnan(scores))
             )
             sel.scored = True
-        bad = alive[~feats.ok]
-        sel.reason[bad], sel.detail[bad] = UNDECODABLE, feats.error[~feats.ok]
-        record(UNDECODABLE, len(bad))
+        for reason in (UNDECODABLE, TOO_LARGE):  # clip_model.images.REASONS
+            failed = ~feats.ok & (feats.reason == reason)
+            sel.reason[alive[failed]], sel.detail[alive[failed]] = reason, feats.error[failed]
+            if reason == UNDECODABLE or failed.any():  # a step for pixel bombs only when met
+                record(reason, int(failed.sum()))
 
     def record(name: str, removed: int) -> None:
         remaining = int(sel.kept.sum())
