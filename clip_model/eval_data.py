@@ -35,7 +35,7 @@ import json
 import re
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import NamedTuple
 
 from PIL import Image
@@ -203,6 +203,13 @@ def read_sample_classification(root: Path | str) -> ClassificationData:
     return read_image_folder(root, templates_required=True)
 
 
+def _inside(name: str) -> bool:
+    """A relative path that stays inside its folder by its spelling: no root, drive or "..".
+    (A symlink inside the dataset is followed: whoever wrote the folder put it there.)"""
+    path = PurePath(name)
+    return bool(name.strip()) and not path.anchor and ".." not in path.parts
+
+
 def read_sample_retrieval(root: Path | str) -> RetrievalData:
     """The sample web's retrieval set: `root/captions.jsonl` naming images under `root`."""
     root = Path(root)
@@ -225,7 +232,12 @@ def read_sample_retrieval(root: Path | str) -> RetrievalData:
                 f'"captions" (a list of strings)'
             )
         image, texts = record["image"], record["captions"]
-        if not isinstance(image, str) or not (root / image).is_file():
+        if not isinstance(image, str) or not _inside(image):
+            raise EvalDataError(
+                f"{where}: image {image!r} is not a relative path inside {root}; expected a "
+                'path such as "images/0000.png" (no absolute path, no "..")'
+            )
+        if not (root / image).is_file():
             raise EvalDataError(f"{where}: image {image!r} is not a file under {root}")
         if (
             not isinstance(texts, list)
