@@ -187,7 +187,7 @@ def test_each_filter_removes_exactly_its_defects(crawl, eval_dir):
     assert details["dupbytes"] == "same image bytes as good01"
     assert details["evalcopy"].startswith(f"near eval image {eval_dir}/digits/three/1001.png")
     assert details["nearcopy"].startswith("near good02 (distance")
-    assert details["broken"].startswith("cannot decode image")
+    assert details["broken"].startswith("image does not decode")
 
 
 def test_output_is_resharded_evenly_with_complete_rejects(crawl, eval_dir, tmp_path):
