@@ -192,6 +192,11 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
 
         # the tokenizer comes from the DataModule at setup; a bad suite fails here, before training
         callbacks.append(ZeroShotEvalCallback(**cfg.eval.model_dump()))
+    if cfg.optuna is not None:  # after the evaluator: it reports what the evaluator measured
+        from clip_model.pruning import PRUNED_FILE, OptunaPruning
+
+        marker = join(cfg.out_dir, PRUNED_FILE)
+        callbacks.append(OptunaPruning(**cfg.optuna.model_dump(), marker=marker))
     checkpoint_cb = StepCheckpoint(
         cfg.checkpoints,
         every_n_steps=cfg.checkpoint.every_n_steps,

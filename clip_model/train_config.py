@@ -23,6 +23,7 @@ __all__ = [
     "ConfigError",
     "EvalConfig",
     "MLflowConfig",
+    "OptunaTrialConfig",
     "TrainConfig",
     "check_hardware",
     "load_config",
@@ -65,6 +66,20 @@ class EvalConfig(_Strict):
     @classmethod
     def _precision(cls, value: Any) -> str:
         return "auto" if value == "auto" else str(parse_precision(value).name)
+
+
+class OptunaTrialConfig(_Strict):
+    """This run is trial `trial` of an Optuna study (flows/sweep.py sets it): report `metric` after
+    each evaluation and stop when the pruner says so (clip_model/pruning.py)."""
+
+    storage: str = Field(description="an RDB URL (sqlite:///...) or a journal file path")
+    study: str
+    trial: int = Field(ge=0, description="the trial's number in the study")
+    metric: str | list[str] = Field(
+        "val/loss", description="a val/ or zero-shot <task>/<metric> metric; a list: their mean"
+    )
+    pruner: str = Field("none", description="clip_model.study.PRUNERS")
+    pruner_args: dict[str, Any] = Field(default_factory=dict)
 
 
 class TrainConfig(_Strict):
@@ -134,6 +149,7 @@ class TrainConfig(_Strict):
     print_every_n_steps: int = Field(10, ge=0, description="a progress line every N steps")
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     eval: EvalConfig | None = Field(None, description="zero-shot evaluation every N steps")
+    optuna: OptunaTrialConfig | None = Field(None, description="a sweep's trial: report, prune")
 
     @field_validator("precision", mode="before")
     @classmethod
