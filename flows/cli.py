@@ -57,6 +57,7 @@ STAGES = {
     "search": "tasks.params.search:SearchParams",
     "sample": "tasks.params.sample:SampleParams",
     "pipeline": "tasks.params.pipeline:PipelineParams",
+    "sweep": "tasks.params.sweep:SweepParams",
 }
 
 # What a parameter model's check() raises for bad input (ConfigError, DatasetError and pydantic's
@@ -265,3 +266,7 @@ def sample_command() -> int:
 
 def pipeline_command() -> int:
     return main("pipeline", prog="clip-pipeline")
+
+
+def sweep_command() -> int:
+    return main("sweep", prog="clip-sweep")

@@ -286,7 +286,7 @@ def test_the_index_manifest_name_is_storages():
     assert LIGHT == INDEX_MANIFEST
 
 
-@pytest.mark.parametrize("stage", ["curate", "train", "evaluate", "index"])
+@pytest.mark.parametrize("stage", ["curate", "train", "evaluate", "index", "sweep"])
 def test_each_flow_takes_exactly_its_models_parameters(stage):
     """The command line passes the model's fields to the flow as keywords: a parameter added to
     one and not the other fails here, not at a user's first run."""
