@@ -102,21 +102,31 @@ def test_bad_sweep_configs_are_refused_naming_the_key(tmp_path, shapes, change, 
     assert str(path) in str(error.value) or "space." in str(error.value)
 
 
-def test_the_cli_refuses_a_bad_config_before_starting_anything(tmp_path, shapes, capsys):
-    from flows.sweep import main
+def refused(*args: str, cwd: Path) -> str:
+    """The one `error: ...` line `python -m flows.sweep ARGS` prints, exit status 2."""
+    p = subprocess.run(
+        [sys.executable, "-m", "flows.sweep", *args],
+        capture_output=True, text=True, cwd=cwd, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+    )  # fmt: skip
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    return lines[0]
 
-    path = sweep_yaml(tmp_path, data=shapes)
-    assert main(["--config", str(path), "--set", "space.warmup_steps=[-1]"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: --set space.warmup_steps=[-1]: -1: warmup_steps: ")
-    assert "greater than or equal to 0" in err and len(err.splitlines()) == 1
+
+def test_the_cli_refuses_a_bad_config_before_starting_anything(tmp_path, shapes):
+    path = str(sweep_yaml(tmp_path, data=shapes))
+    line = refused("--config", path, "--set", "space.warmup_steps=[-1]", cwd=tmp_path)
+    assert line.startswith("error: --set space.warmup_steps=[-1]: -1: warmup_steps: ")
+    assert "greater than or equal to 0" in line
     # a space key below a section, as --set spells it
-    assert (
-        main(["--config", str(path), "--set", "space.model_overrides.vision_patch_size=[7]"]) == 2
+    line = refused(
+        "--config", path, "--set", "space.model_overrides.vision_patch_size=[7]", cwd=tmp_path
     )
-    err = capsys.readouterr().err
-    assert "space.model_overrides.vision_patch_size=[7]" in err
-    assert "image_size=32 is not divisible by vision_patch_size=7" in err
+    assert "space.model_overrides.vision_patch_size=[7]" in line
+    assert "image_size=32 is not divisible by vision_patch_size=7" in line
+    line = refused("--config", path, "--data", str(tmp_path / "none"), cwd=tmp_path)
+    assert line.startswith("error: --data ") and "none" in line
     assert not (tmp_path / "data").exists()  # no sweep folder, no study
 
 
