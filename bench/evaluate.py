@@ -78,6 +78,7 @@ def make_image_folder(root: Path, n_images: int, size: int = 112) -> None:
 
 def bench_zero_shot(n_images: int, batch_size: int) -> None:
     from clip_model import create_model, get_tokenizer
+    from clip_model.embedder import Embedder
     from clip_model.eval_data import read_image_folder
     from clip_model.evaluate import evaluate_classification
     from clip_model.tokenizer import train_tokenizer
@@ -99,16 +100,15 @@ def bench_zero_shot(n_images: int, batch_size: int) -> None:
         )
         images = torch.randn(batch_size, 3, size, size)
         for precision in ("fp32", "bf16"):
-            kwargs = dict(image_size=size, device="cpu", batch_size=batch_size)
+            embedder = Embedder(
+                model, tokenizer, device="cpu", precision=precision, batch_size=batch_size
+            )
             evaluate_classification(
-                model,
-                tokenizer,
+                embedder,
                 data._replace(images=data.images[:batch_size], labels=data.labels[:batch_size]),
-                **kwargs,
-                precision=precision,
             )  # warm-up
             start = time.perf_counter()
-            result = evaluate_classification(model, tokenizer, data, **kwargs, precision=precision)
+            result = evaluate_classification(embedder, data)
             seconds = time.perf_counter() - start
             ctx = torch.autocast("cpu", torch.bfloat16) if precision == "bf16" else torch.no_grad()
             with torch.no_grad(), ctx:

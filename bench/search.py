@@ -71,13 +71,13 @@ def bench_kind(kind, data, queries, exact_ids, k, latency_queries):
 
 
 def bench_embedding(n_images: int) -> list[str]:
-    """images/s of the index flow's model step (ClipEncoder) with the tiny preset, random weights."""
+    """images/s of the index flow's model step (clip_model.embedder) with the tiny preset,
+    random weights."""
     import torch
     from PIL import Image
 
     from clip_model import create_model
-    from clip_model.checkpoint import LoadedClip
-    from tasks.search import ClipEncoder
+    from clip_model.embedder import Embedder
 
     torch.manual_seed(0)
     model = create_model("tiny", tokenizer="openai", vocab_size=49408)
@@ -89,11 +89,10 @@ def bench_embedding(n_images: int) -> list[str]:
         images.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     lines = []
     for precision in ("fp32", "bf16"):
-        clip = LoadedClip(model, None, model.config.image_size, "bench")
-        encoder = ClipEncoder(clip, batch_size=64, precision=precision)
-        encoder.encode_images(images[:64])  # warm-up
+        embedder = Embedder(model, device="cpu", precision=precision, batch_size=64)
+        embedder.images(images[:64])  # warm-up
         t = time.perf_counter()
-        encoder.encode_images(images)
+        embedder.images(images)
         lines.append(
             f"embed images (tiny preset, 64 px, batch 64, {precision}): "
             f"{n_images / (time.perf_counter() - t):.1f} images/s"

@@ -32,6 +32,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from clip_model.embedder import Embedder
 from clip_model.eval_suite import EvalSuite, load_suite, quick_suite
 from clip_model.evaluate import flat_metrics, run_suite
 from clip_model.precision import Precision, parse_precision
@@ -157,16 +158,16 @@ class ZeroShotEvalCallback(Callback):
         if trainer.is_global_zero:
             model = self._model(pl_module)
             started = time.perf_counter()
-            results = run_suite(
+            embedder = Embedder(  # the model being trained, where and as it is
                 model,
                 self._tokenizer(trainer, pl_module),
-                self.suite,
-                image_size=model.config.image_size,
-                device=pl_module.device,
+                device=None,
+                precision=self._precision(trainer),
                 batch_size=self.batch_size,
                 num_workers=self.num_workers,
-                precision=self._precision(trainer),
+                progress=False,  # the training's own lines go on; no bar in between them
             )
+            results = run_suite(embedder, self.suite)
             seconds = time.perf_counter() - started
             metrics = loggable_metrics(flat_metrics(results))
             for logger in trainer.loggers:

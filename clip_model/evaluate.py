@@ -1,30 +1,31 @@
 """Run an eval suite on a CLIP: embed, score, and keep what the plots need.
 
-    from clip_model import create_model, get_tokenizer
+    from clip_model.checkpoint import load_clip
+    from clip_model.embedder import Embedder
     from clip_model.eval_suite import load_suite
     from clip_model.evaluate import run_suite, flat_metrics
 
     suite = load_suite("configs/eval/sample.yaml", root="data/sample")
-    results = run_suite(model, get_tokenizer("openai"), suite, image_size=64, device="cpu",
-                        batch_size=256)
+    embedder = Embedder.of(load_clip("run/checkpoints/last.ckpt"), device="auto", batch_size=256)
+    results = run_suite(embedder, suite)
     print(flat_metrics(results))        # {"digits/acc1": ..., "retrieval/image_retrieval_recall@1": ...}
 
-Images go through `clip_model.transforms.eval_transform(image_size)`; features are L2-normalised.
-Logits are 100 x cosine, as in CLIP_benchmark (the scale changes no metric). The model's
-train/eval mode is restored afterwards, so a training callback can call this in between steps.
-Plots use matplotlib's Agg canvas directly (no pyplot state, no display needed).
+Images and texts are embedded by clip_model.embedder (decoding, `eval_transform`, device and
+precision, L2 norm, a progress bar per task). Logits are 100 x cosine, as in CLIP_benchmark (the
+scale changes no metric). The model's train/eval mode is restored afterwards, so a training
+callback can call this in between steps. Plots use matplotlib's Agg canvas directly (no pyplot
+state, no display needed).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from clip_model.embedder import Embedder
 from clip_model.eval_data import (
     DEFAULT_TEMPLATES,
     ClassificationData,
@@ -38,7 +39,6 @@ from clip_model.eval_data import (
 )
 from clip_model.eval_suite import EvalSuite, EvalTask
 from clip_model.linear_probe import DEFAULT_CS, linear_probe, split_train_val
-from clip_model.precision import Precision, parse_precision
 from clip_model.retrieval import retrieval_metrics, topk_texts_for_images
 from clip_model.zero_shot import (
     classification_metrics,
@@ -87,81 +87,6 @@ def flat_metrics(results: dict[str, TaskResult]) -> dict[str, float]:
     return {f"{name}/{k}": v for name, r in results.items() for k, v in r.metrics.items()}
 
 
-# --- embedding -------------------------------------------------------------------------------
-
-
-class _ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, images: Sequence, image_size: int):
-        from clip_model.transforms import eval_transform
-
-        self.images = images
-        self.transform = eval_transform(image_size)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(load_image(self.images[i]))
-
-
-def _autocast(model: torch.nn.Module, device: torch.device | str, precision: Precision | str):
-    """Autocast for a mixed precision; a pure_* one needs the model already cast (the caller
-    owns it: clip_model.precision.Precision.prepare)."""
-    policy = parse_precision(precision)
-    policy.check_model(model)
-    return policy.autocast(device)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def embed_images(
-    model: torch.nn.Module,
-    images: Sequence,
-    *,
-    image_size: int,
-    device: torch.device | str,
-    batch_size: int,
-    num_workers: int = 0,
-    precision: Precision | str = "fp32",
-) -> torch.Tensor:
-    """Normalised image features [N, D] (float32, CPU) of image references or paths."""
-    loader = torch.utils.data.DataLoader(
-        _ImageDataset(images, image_size), batch_size=batch_size, num_workers=num_workers
-    )
-    features = []
-    with _eval_mode(model), _autocast(model, device, precision):
-        for batch in loader:
-            features.append(F.normalize(model.encode_image(batch.to(device)).float(), dim=-1))
-    return torch.cat(features).cpu()
-
-
-def embed_texts(
-    model: torch.nn.Module,
-    tokenizer,
-    texts: Sequence[str],
-    *,
-    device: torch.device | str,
-    batch_size: int,
-    precision: Precision | str = "fp32",
-) -> torch.Tensor:
-    """Normalised text features [N, D] (float32, CPU)."""
-    features = []
-    with _eval_mode(model), _autocast(model, device, precision):
-        for start in range(0, len(texts), batch_size):
-            tokens = tokenizer(list(texts[start : start + batch_size])).to(device)
-            features.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-    return torch.cat(features).cpu()
-
-
 # --- tasks -----------------------------------------------------------------------------------
 
 
@@ -180,32 +105,20 @@ def _subset_classification(data: ClassificationData, limit: int | None) -> Class
 
 
 def evaluate_classification(
-    model: torch.nn.Module,
-    tokenizer,
-    data: ClassificationData,
-    *,
-    name: str = "classification",
-    image_size: int,
-    device: torch.device | str,
-    batch_size: int,
-    num_workers: int = 0,
-    precision: Precision | str = "fp32",
+    embedder: Embedder, data: ClassificationData, *, name: str = "classification"
 ) -> TaskResult:
     """Zero-shot classification: acc1, acc5, mean_per_class_recall and the confusion matrix."""
     templates = data.templates or list(DEFAULT_TEMPLATES)
-    with _eval_mode(model), _autocast(model, device, precision):
+    with embedder.inference():
         classifier = zero_shot_classifier(
-            model, tokenizer, data.classnames, templates, batch_size=batch_size, device=device
+            embedder.model,
+            embedder.tokenizer,
+            data.classnames,
+            templates,
+            batch_size=embedder.batch_size,
+            device=embedder.device,
         ).cpu()
-    features = embed_images(
-        model,
-        data.images,
-        image_size=image_size,
-        device=device,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        precision=precision,
-    )
+    features = embedder.images(data.images, desc=f"{name}: images")
     logits = 100.0 * features @ classifier
     labels = torch.tensor(data.labels, dtype=torch.long)
     num_classes = len(data.classnames)
@@ -220,16 +133,10 @@ def evaluate_classification(
 
 
 def evaluate_retrieval(
-    model: torch.nn.Module,
-    tokenizer,
+    embedder: Embedder,
     data: RetrievalData,
     *,
     name: str = "retrieval",
-    image_size: int,
-    device: torch.device | str,
-    batch_size: int,
-    num_workers: int = 0,
-    precision: Precision | str = "fp32",
     ks: Sequence[int] = (1, 5, 10),
     num_examples: int = 8,
     examples_k: int = 5,
@@ -239,18 +146,8 @@ def evaluate_retrieval(
     text_to_image = torch.tensor(
         [i for i, captions in enumerate(data.captions) for _ in captions], dtype=torch.long
     )
-    image_features = embed_images(
-        model,
-        data.images,
-        image_size=image_size,
-        device=device,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        precision=precision,
-    )
-    text_features = embed_texts(
-        model, tokenizer, texts, device=device, batch_size=batch_size, precision=precision
-    )
+    image_features = embedder.images(data.images, desc=f"{name}: images")
+    text_features = embedder.texts(texts, desc=f"{name}: captions")
     metrics = retrieval_metrics(image_features, text_features, text_to_image, ks=ks)
     chosen = spread_subset(len(data.images), num_examples)
     scores, index = topk_texts_for_images(image_features[chosen], text_features, k=examples_k)
@@ -274,37 +171,25 @@ def evaluate_retrieval(
 
 
 def evaluate_linear_probe(
-    model: torch.nn.Module,
+    embedder: Embedder,
     train: ClassificationData,
     test: ClassificationData | None,
     *,
     name: str = "linear_probe",
-    image_size: int,
-    device: torch.device | str,
-    batch_size: int,
-    num_workers: int = 0,
-    precision: Precision | str = "fp32",
     test_fraction: float = 0.5,
     val_fraction: float = 0.2,
     cs: Sequence[float] = DEFAULT_CS,
     seed: int = 0,
 ) -> TaskResult:
     """Logistic regression on frozen normalised image features; `test` None: split `train`."""
-    embed = dict(
-        image_size=image_size,
-        device=device,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        precision=precision,
-    )
-    x = embed_images(model, train.images, **embed)
+    x = embedder.images(train.images, desc=f"{name}: images")
     y = torch.tensor(train.labels, dtype=torch.long)
     if test is None:
         train_idx, test_idx = split_train_val(y.numpy(), val_fraction=test_fraction, seed=seed)
         x_train, y_train, x_test, y_test = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
     else:
         x_train, y_train = x, y
-        x_test = embed_images(model, test.images, **embed)
+        x_test = embedder.images(test.images, desc=f"{name}: test images")
         y_test = torch.tensor(test.labels, dtype=torch.long)
     result = linear_probe(
         x_train, y_train, x_test, y_test, val_fraction=val_fraction, cs=cs, seed=seed
@@ -330,34 +215,16 @@ def _task_classification_data(task: EvalTask, split: str) -> ClassificationData:
     )
 
 
-def run_task(
-    model: torch.nn.Module,
-    tokenizer,
-    task: EvalTask,
-    *,
-    image_size: int,
-    device: torch.device | str,
-    batch_size: int,
-    num_workers: int = 0,
-    precision: Precision | str = "fp32",
-) -> TaskResult:
+def run_task(embedder: Embedder, task: EvalTask) -> TaskResult:
     """Read one task's dataset (paths already resolved) and evaluate it."""
-    common = dict(
-        name=task.name,
-        image_size=image_size,
-        device=device,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        precision=precision,
-    )
     if task.type == "classification":
         data = _subset_classification(_task_classification_data(task, task.split), task.max_images)
-        return evaluate_classification(model, tokenizer, data, **common)
+        return evaluate_classification(embedder, data, name=task.name)
     if task.type == "retrieval":
         data = read_retrieval(task.dataset, format=task.format, split=task.split)
         keep = spread_subset(len(data.images), task.max_images)
         data = RetrievalData([data.images[i] for i in keep], [data.captions[i] for i in keep])
-        return evaluate_retrieval(model, tokenizer, data, **common)
+        return evaluate_retrieval(embedder, data, name=task.name)
     if task.type == "linear_probe":
         test = _subset_classification(_task_classification_data(task, task.split), task.max_images)
         train = None
@@ -366,29 +233,20 @@ def run_task(
                 _task_classification_data(task, task.train_split), task.max_images
             )
         return evaluate_linear_probe(
-            model,
+            embedder,
             train if train is not None else test,
             test if train is not None else None,
+            name=task.name,
             test_fraction=task.test_fraction,
             val_fraction=task.val_fraction,
             cs=task.cs or DEFAULT_CS,
             seed=task.seed,
-            **common,
         )
     raise ValueError(f"task {task.name}: unknown type {task.type!r}")
 
 
 def run_suite(
-    model: torch.nn.Module,
-    tokenizer,
-    suite: EvalSuite,
-    *,
-    image_size: int,
-    device: torch.device | str,
-    batch_size: int,
-    num_workers: int = 0,
-    precision: Precision | str = "fp32",
-    tasks: Sequence[str] | None = None,
+    embedder: Embedder, suite: EvalSuite, *, tasks: Sequence[str] | None = None
 ) -> dict[str, TaskResult]:
     """Every task of `suite` (or only those named in `tasks`), in suite order, by name."""
     if tasks is not None:
@@ -397,20 +255,11 @@ def run_suite(
             raise ValueError(
                 f"suite {suite.name} has no task {unknown}; it has {[t.name for t in suite.tasks]}"
             )
-    results = {}
-    for task in suite.tasks:
-        if tasks is None or task.name in tasks:
-            results[task.name] = run_task(
-                model,
-                tokenizer,
-                task,
-                image_size=image_size,
-                device=device,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                precision=precision,
-            )
-    return results
+    return {
+        task.name: run_task(embedder, task)
+        for task in suite.tasks
+        if tasks is None or task.name in tasks
+    }
 
 
 # --- plots -----------------------------------------------------------------------------------

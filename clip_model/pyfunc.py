@@ -52,24 +52,22 @@ class ClipEmbedder(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         from clip_model.checkpoint import from_state_dict
+        from clip_model.embedder import Embedder
         from clip_model.tokenizer import get_tokenizer
-        from clip_model.transforms import eval_transform
 
-        self.model = from_state_dict(context.artifacts["weights"])  # fp32, eval mode
-        config = self.model.config
-        self.tokenizer = get_tokenizer(
-            context.artifacts.get("tokenizer", "openai"), config.context_length
+        model = from_state_dict(context.artifacts["weights"])  # fp32
+        tokenizer = get_tokenizer(
+            context.artifacts.get("tokenizer", "openai"), model.config.context_length
         )
-        self.transform = eval_transform(config.image_size)
+        # a served model answers one request after another: no progress bars
+        self.embedder = Embedder(model, tokenizer, device="auto", progress=False)
 
-    @torch.no_grad()
     def _embed(self, values: list, encode) -> list[list[float] | None]:
         rows = [i for i, v in enumerate(values) if not _missing(v)]
         result: list[list[float] | None] = [None] * len(values)
-        for start in range(0, len(rows), self.batch_size):
+        for start in range(0, len(rows), self.batch_size):  # decoded a batch at a time
             chunk = rows[start : start + self.batch_size]
             features = encode(chunk, [values[i] for i in chunk])
-            features = torch.nn.functional.normalize(features.float(), dim=-1)
             for i, row in zip(chunk, features.tolist(), strict=True):
                 result[i] = row
         return result
@@ -77,14 +75,14 @@ class ClipEmbedder(mlflow.pyfunc.PythonModel):
     def _encode_images(self, rows: list[int], values: list) -> torch.Tensor:
         from clip_model.images import decode_image
 
-        images = [
-            self.transform(decode_image(_image_bytes(v), f"image row {row}"))
+        pictures = [
+            decode_image(_image_bytes(v), f"image row {row}")
             for row, v in zip(rows, values, strict=True)
         ]
-        return self.model.encode_image(torch.stack(images))
+        return self.embedder.images(pictures)
 
     def _encode_texts(self, rows: list[int], values: list) -> torch.Tensor:
-        return self.model.encode_text(self.tokenizer([str(v) for v in values]))
+        return self.embedder.texts([str(v) for v in values])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None):
         if not isinstance(model_input, pd.DataFrame):
@@ -141,6 +139,7 @@ def log_pyfunc_model(
                 "pyyaml",
                 "regex",
                 "tokenizers",
+                "tqdm",
             ],
             registered_model_name=registered_model_name,
         )

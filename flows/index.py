@@ -25,6 +25,7 @@ import mlflow
 from prefect import flow, get_run_logger
 
 from clip_model.checkpoint import load_clip
+from clip_model.embedder import Embedder
 from clip_model.precision import parse_precision
 from clip_model.progress import progress_bar
 from flows import cli
@@ -33,7 +34,6 @@ from storage.embeddings import EmbeddingStore, choose_spec
 from storage.tracking import log_dataset, stage_run
 from tasks.index import IndexResult, build_index, embed_shard, plan_index
 from tasks.params.index import IndexParams
-from tasks.search import ClipEncoder
 
 
 class _ImageCount:
@@ -56,7 +56,7 @@ def index(
     batch_size: int = 64,
     dtype: str = "float32",
     precision: str = "fp32",
-    device: str = "cpu",
+    device: str = "auto",
     allow_torchscript: bool = False,
     model: str | None = None,
 ) -> IndexResult:
@@ -89,13 +89,15 @@ def index(
             len(pending),
             len(manifest.shards) - len(pending),
         )
-        encoder = ClipEncoder(clip, device=device, batch_size=batch_size, precision=precision)
+        embedder = Embedder.of(  # the flow's own bar counts images over every shard
+            clip, device=device, precision=precision, batch_size=batch_size, progress=False
+        )
         t0, images = time.perf_counter(), 0
         # a bar per shard (quiet when stderr is not a terminal), the images counted beside it
         with progress_bar(total=len(pending), unit="shard", desc="embed") as bar:
             counter = _ImageCount(bar, sum(sizes[s.name] for s in pending))
             for entry in pending:
-                done = embed_shard(dataset, output, entry, encoder, dtype=dtype, progress=counter)
+                done = embed_shard(dataset, output, entry, embedder, dtype=dtype, progress=counter)
                 images += done.num_vectors
                 shards = [done if s.name == done.name else s for s in manifest.shards]
                 manifest = store.write_manifest(manifest.model_copy(update={"shards": shards}))

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
@@ -38,6 +37,7 @@ from clip_model.checkpoint import (
     TorchScriptRefused,
     load_clip,
 )
+from clip_model.embedder import Embedder
 from clip_model.eval_callback import loggable_metrics, quick_suite
 from clip_model.eval_suite import EvalSuite, load_suite
 from clip_model.evaluate import (
@@ -46,7 +46,6 @@ from clip_model.evaluate import (
     plot_retrieval_examples,
     run_suite,
 )
-from clip_model.precision import parse_precision
 from storage.fs import atomic_write_bytes, sha256_file
 from tasks.params.evaluate import check_task_data
 
@@ -222,12 +221,6 @@ def record_result(result: EvaluateResult) -> str:
 # ---- the work -----------------------------------------------------------------------------
 
 
-def _device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 @task(name="run-evaluation", cache_policy=NONE)
 def run_evaluation(
     clip: LoadedClip,
@@ -239,30 +232,17 @@ def run_evaluation(
     num_workers: int = 0,
 ) -> dict[str, TaskResult]:
     """Every task of `suite`, one after the other, each logged with its time and metrics.
-    A pure_* precision casts `clip.model` in place (clip_model.precision)."""
+    The embedder takes `clip.model` (a pure_* precision casts it in place: clip_model.embedder)."""
     logger = get_run_logger()
-    device = _device(device)
-    policy = parse_precision(precision)
-    policy.check_device(device)
-    model = policy.prepare(clip.model.to(device))
+    embedder = Embedder.of(
+        clip, device=device, precision=precision, batch_size=batch_size, num_workers=num_workers
+    )
     results: dict[str, TaskResult] = {}
     with tqdm(suite.tasks, desc=f"evaluate {suite.name}", unit="task") as bar:
         for t in bar:
             bar.set_postfix_str(t.name)
             started = time.perf_counter()
-            results.update(
-                run_suite(
-                    model,
-                    clip.tokenizer,
-                    suite,
-                    image_size=clip.image_size,
-                    device=device,
-                    batch_size=batch_size,
-                    num_workers=num_workers,
-                    precision=precision,
-                    tasks=[t.name],
-                )
-            )
+            results.update(run_suite(embedder, suite, tasks=[t.name]))
             seconds = time.perf_counter() - started
             r = results[t.name]
             logger.info(

@@ -19,6 +19,7 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
 from clip_model.checkpoint import LoadedClip
+from clip_model.embedder import Embedder
 from clip_model.images import ImageDecodeError, decode_image
 from storage import Dataset, DatasetError
 from storage.embeddings import (
@@ -29,7 +30,7 @@ from storage.embeddings import (
     build_faiss_index,
     choose_spec,
 )
-from tasks.search import ClipEncoder, ModelMismatchError, model_identity
+from tasks.search import ModelMismatchError, model_identity
 
 __all__ = ["IndexResult", "build_index", "embed_shard", "plan_index"]
 
@@ -99,7 +100,7 @@ def embed_shard(
     dataset: Dataset,
     output: str,
     entry: ShardEmbeddings,
-    encoder: ClipEncoder,
+    embedder: Embedder,
     *,
     dtype: Dtype = "float32",
     progress: Any = None,
@@ -117,8 +118,8 @@ def embed_shard(
 
     def flush() -> None:
         if batch:
-            image_vectors.append(encoder.encode_images([im for _, _, im in batch]))
-            text_vectors.append(encoder.encode_texts([c for _, c, _ in batch]))
+            image_vectors.append(embedder.images([im for _, _, im in batch]).numpy())
+            text_vectors.append(embedder.texts([c for _, c, _ in batch]).numpy())
             keys.extend(k for k, _, _ in batch)
             captions.extend(c for _, c, _ in batch)
             if progress is not None:
@@ -133,13 +134,13 @@ def embed_shard(
             logger.warning("shard %s: sample skipped (%s): %s", entry.name, e.reason, e)
             if progress is not None:
                 progress.update(1)
-        if len(batch) >= encoder.batch_size:
+        if len(batch) >= embedder.batch_size:
             flush()
     flush()
     if not keys and skipped:
         raise DatasetError(f"{dataset.url}/{entry.name}.tar: none of its images decodes")
 
-    dim = encoder.model.config.embed_dim
+    dim = embedder.dim
     images = np.concatenate(image_vectors) if image_vectors else np.zeros((0, dim), "f4")
     texts = np.concatenate(text_vectors) if text_vectors else np.zeros((0, dim), "f4")
     n = EmbeddingStore(output).write_shard(

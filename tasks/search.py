@@ -30,16 +30,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
-import torch.nn.functional as F
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse, Response
 from PIL import Image
 
 from clip_model.checkpoint import LoadedClip, ModelUnknown, load_clip
+from clip_model.embedder import Embedder
 from clip_model.images import ImageDecodeError, decode_image, to_rgb
-from clip_model.precision import parse_precision
-from clip_model.transforms import eval_transform
 from storage.embeddings import (
     EmbeddingStore,
     IndexFormatError,
@@ -50,7 +47,6 @@ from storage.embeddings import (
 from storage.fs import filesystem, join
 
 __all__ = [
-    "ClipEncoder",
     "Hit",
     "LoadedClip",
     "ModelMismatchError",
@@ -87,52 +83,6 @@ def model_identity(clip: LoadedClip) -> ModelIdentity:
         image_size=clip.image_size,
         architecture=clip.model.config.model_dump(mode="json", exclude={"grad_checkpointing"}),
     )
-
-
-class ClipEncoder:
-    """Normalised float32 embeddings of texts and PIL images, in batches, as evaluation does
-    (clip_model.transforms.eval_transform, L2 norm; `precision`: any spelling of
-    clip_model.precision, a pure_* one casting the model in place)."""
-
-    def __init__(
-        self,
-        clip: LoadedClip,
-        *,
-        device: str = "cpu",
-        batch_size: int = 64,
-        precision: str = "fp32",
-    ):
-        self.clip = clip
-        self.device, self.batch_size = device, batch_size
-        self.precision = parse_precision(precision)
-        self.precision.check_device(device)
-        self.model = self.precision.prepare(clip.model.to(device)).eval()
-        self.transform = eval_transform(clip.image_size)
-
-    def _autocast(self):
-        return self.precision.autocast(self.device)
-
-    @torch.no_grad()
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        out = []
-        with self._autocast():
-            for start in range(0, len(texts), self.batch_size):
-                tokens = self.clip.tokenizer(list(texts[start : start + self.batch_size]))
-                features = self.model.encode_text(tokens.to(self.device)).float()
-                out.append(F.normalize(features, dim=-1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.config.embed_dim), "f4")
-
-    @torch.no_grad()
-    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        out = []
-        with self._autocast():
-            for start in range(0, len(images), self.batch_size):
-                batch = torch.stack(
-                    [self.transform(im) for im in images[start : start + self.batch_size]]
-                )
-                features = self.model.encode_image(batch.to(self.device)).float()
-                out.append(F.normalize(features, dim=-1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.config.embed_dim), "f4")
 
 
 def query_picture(image: bytes | Image.Image | str | Path) -> Image.Image:
@@ -215,7 +165,8 @@ class SearchIndex:
             raise IndexFormatError(
                 f"{url}: {self.rows.num_rows} keys but {self.faiss.ntotal} vectors in the index"
             )
-        self.encoder = ClipEncoder(clip)
+        # queries one at a time: no batches to show progress of
+        self.embedder = Embedder.of(clip, device="auto", progress=False)
         self.images = DatasetImages(data or manifest.dataset_url, entry.shards)
         # one query at a time through the model and FAISS; images decode before taking it, so
         # one big upload never stalls the other queries
@@ -310,12 +261,12 @@ class SearchIndex:
     def embed_text(self, text: str) -> np.ndarray:
         self._check_text(text)
         with self._lock:
-            return self.encoder.encode_texts([text])[0]
+            return self.embedder.texts([text])[0].numpy()
 
     def embed_image(self, image: bytes | Image.Image | str | Path) -> np.ndarray:
         picture = query_picture(image)
         with self._lock:
-            return self.encoder.encode_images([picture])[0]
+            return self.embedder.images([picture])[0].numpy()
 
     def query_vectors(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """Top-k hits of each row of `vectors` (normalised [m, D] query embeddings)."""
@@ -340,7 +291,7 @@ class SearchIndex:
             if not isinstance(text, str) or not text.strip():
                 raise SearchError(f"empty text query among {len(texts)}: {text!r}")
         with self._lock:
-            vectors = self.encoder.encode_texts(list(texts))
+            vectors = self.embedder.texts(list(texts)).numpy()
         return self.query_vectors(vectors, k)
 
     def query_image(self, image: bytes | Image.Image | str | Path, k: int = 10) -> list[Hit]:
@@ -365,8 +316,8 @@ class SearchIndex:
             self._check_text(text)
         picture = query_picture(image) if image is not None else None
         with self._lock:
-            t = self.encoder.encode_texts([text])[0] if text is not None else None
-            i = self.encoder.encode_images([picture])[0] if picture is not None else None
+            t = self.embedder.texts([text])[0].numpy() if text is not None else None
+            i = self.embedder.images([picture])[0].numpy() if picture is not None else None
         if t is not None and i is not None:
             q = weight * t + (1.0 - weight) * i
             norm = float(np.linalg.norm(q))

@@ -377,6 +377,7 @@ class ColourWords(nn.Module):
 
 
 def test_run_suite_scores_a_model_that_knows_colours(tmp_path):
+    from clip_model.embedder import Embedder
     from clip_model.evaluate import (
         flat_metrics,
         plot_confusion_matrix,
@@ -396,7 +397,8 @@ def test_run_suite_scores_a_model_that_knows_colours(tmp_path):
     suite = load_suite(tmp_path / "suite.yaml", root=tmp_path)
     model = ColourWords({"red": 1, "green": 2, "blue": 3, "something": 4})
     model.train()
-    results = run_suite(model, model.tokenize, suite, image_size=16, device="cpu", batch_size=5)
+    embedder = Embedder(model, model.tokenize, image_size=16, device=None, batch_size=5)
+    results = run_suite(embedder, suite)
     assert model.training  # the caller's mode is restored
 
     colours = results["colors"]
@@ -421,6 +423,6 @@ def test_run_suite_scores_a_model_that_knows_colours(tmp_path):
     quick = suite.model_copy(
         update={"tasks": [suite.tasks[0].model_copy(update={"max_images": 4})]}
     )
-    subset = run_suite(model, model.tokenize, quick, image_size=16, device="cpu", batch_size=5)
+    subset = run_suite(embedder, quick)
     assert subset["colors"].num_images == 4
     assert subset["colors"].confusion.sum(dim=1).tolist() == [1, 1, 2]

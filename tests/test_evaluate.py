@@ -20,6 +20,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from clip_model import CheckpointError, ModelConfig, create_model, to_state_dict, train_tokenizer
+from clip_model.embedder import Embedder
 from clip_model.eval_callback import ZeroShotEvalCallback, loggable_metrics, quick_suite
 from clip_model.eval_data import EvalDataError
 from clip_model.eval_suite import EvalSuiteError, load_suite
@@ -403,7 +404,8 @@ def test_callback_logs_the_suites_metrics_to_the_training_run_every_n_steps(
     # what it logged at the end is what the evaluation maths give for the trained weights
     quick = quick_suite(load_suite(suite, root=web), tasks=["digits", "retrieval"], max_images=12)
     assert quick.tasks[0].max_images == 12
-    expected = run_suite(module.model, tokenizer, quick, image_size=64, device="cpu", batch_size=16)
+    embedder = Embedder(module.model, tokenizer, device=None, batch_size=16)
+    expected = run_suite(embedder, quick)
     assert callback.history[-1][1] == pytest.approx(loggable_metrics(flat_metrics(expected)))
     assert history[-1].value == pytest.approx(flat_metrics(expected)["digits/acc1"])
     assert module.training is True  # evaluation put the model back into training mode

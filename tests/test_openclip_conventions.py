@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from clip_model import CheckpointError, ModelConfig, create_model, from_state_dict
 from clip_model.checkpoint import ModelUnknown, load_clip
-from clip_model.evaluate import embed_texts
+from clip_model.embedder import Embedder
 from clip_model.precision import PRECISIONS, parse_precision
 
 FIXTURES = Path(__file__).parent / "fixtures" / "openclip"
@@ -273,14 +273,14 @@ def test_low_precision_evaluation_runs_on_the_cpu_close_to_fp32(spelling):
     weights = FIXTURES / "vit_tiny" / "state_dict.pt"
     model = from_state_dict(weights, config=config)
     texts = ["a photo of a cat", "a diagram", "two red squares"]
-    kwargs = dict(device="cpu", batch_size=2)
-    reference = embed_texts(model, _tokenizer(), texts, **kwargs)
+    kwargs = dict(device=None, batch_size=2)  # the caller's model, where and as it is
+    reference = Embedder(model, _tokenizer(), **kwargs).texts(texts)
     precision = parse_precision(spelling)
     if precision.weights != torch.float32:  # an fp32 model would silently compute in fp32
         with pytest.raises(ValueError, match="call parse_precision"):
-            embed_texts(model, _tokenizer(), texts, precision=spelling, **kwargs)
+            Embedder(model, _tokenizer(), precision=spelling, **kwargs)
     low = precision.prepare(from_state_dict(weights, config=config))
-    got = embed_texts(low, _tokenizer(), texts, precision=spelling, **kwargs)
+    got = Embedder(low, _tokenizer(), precision=spelling, **kwargs).texts(texts)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, reference, atol=3e-2, rtol=0)
     with torch.no_grad(), precision.autocast("cpu"):

@@ -24,11 +24,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from clip_model.checkpoint import load_clip
-from clip_model.images import decode_image
+from clip_model.embedder import Embedder
 from storage import DatasetWriter, open_dataset
 from storage.embeddings import EmbeddingStore, choose_spec
 from tasks.search import (
-    ClipEncoder,
     ModelMismatchError,
     SearchError,
     SearchIndex,
@@ -170,16 +169,14 @@ def test_index_flow_embeds_every_image_and_caption(built, data, checkpoint):
 
     # the stored vectors are the model's embeddings of the dataset's images and captions
     store, samples = EmbeddingStore(str(out)), list(open_dataset(str(data["small"])).iter_samples())
-    encoder = ClipEncoder(load_clip(checkpoint))
+    embedder = Embedder.of(load_clip(checkpoint), device="cpu")
     keys = [k for n in ("00000", "00001", "00002") for k in store.keys(n).column("key").to_pylist()]
     assert keys == [s.key for s in samples]
     images = store.all_vectors(["00000", "00001", "00002"])
     texts = store.all_vectors(["00000", "00001", "00002"], modality="text")
     assert images.shape == texts.shape == (24, 32)
-    np.testing.assert_allclose(
-        images, encoder.encode_images([decode_image(s.image) for s in samples]), atol=1e-5
-    )
-    np.testing.assert_allclose(texts, encoder.encode_texts([s.caption for s in samples]), atol=1e-5)
+    np.testing.assert_allclose(images, embedder.images([s.image for s in samples]), atol=1e-5)
+    np.testing.assert_allclose(texts, embedder.texts([s.caption for s in samples]), atol=1e-5)
 
     run = mlflow.get_run(result.mlflow_run_id)
     assert run.data.metrics["vectors"] == 24
@@ -214,7 +211,7 @@ def test_interrupted_run_resumes_at_the_first_shard_not_embedded(
     @flow
     def killed_after_first_shard() -> None:
         manifest = plan_index(dataset, out, clip, "float32")
-        first = embed_shard(dataset, out, manifest.shards[0], ClipEncoder(clip))
+        first = embed_shard(dataset, out, manifest.shards[0], Embedder.of(clip, device="cpu"))
         store.write_manifest(manifest.model_copy(update={"shards": [first, *manifest.shards[1:]]}))
 
     killed_after_first_shard()
@@ -508,7 +505,7 @@ def test_recall_through_the_index_equals_the_evaluation_stage(
     """Text->image recall@k on the held-out sample retrieval set, two code paths: the evaluate
     stage's maths (clip_model.evaluate / retrieval) and queries through the FAISS index."""
     from clip_model.eval_data import read_sample_retrieval
-    from clip_model.evaluate import embed_images, embed_texts, evaluate_retrieval
+    from clip_model.evaluate import evaluate_retrieval
     from clip_model.retrieval import retrieval_ranks
     from flows.index import index
 
@@ -523,15 +520,8 @@ def test_recall_through_the_index_equals_the_evaluation_stage(
     index(checkpoint=str(checkpoint), data=str(dataset), output=str(out), batch_size=32)
 
     clip = load_clip(checkpoint)
-    expected = evaluate_retrieval(
-        clip.model,
-        clip.tokenizer,
-        data,
-        image_size=clip.image_size,
-        device="cpu",
-        batch_size=32,
-        ks=(1, 5, 10),
-    ).metrics
+    embedder = Embedder.of(clip, device="cpu", batch_size=32)
+    expected = evaluate_retrieval(embedder, data, ks=(1, 5, 10)).metrics
 
     search = SearchIndex.open(out, clip=clip)
     texts = [c for captions in data.captions for c in captions]
@@ -550,10 +540,7 @@ def test_recall_through_the_index_equals_the_evaluation_stage(
         assert value == expected[name], name
 
     # and query by query: a caption hits at k through the index iff its rank is below k
-    image_features = embed_images(
-        clip.model, data.images, image_size=clip.image_size, device="cpu", batch_size=32
-    )
-    text_features = embed_texts(clip.model, clip.tokenizer, texts, device="cpu", batch_size=32)
+    image_features, text_features = embedder.images(data.images), embedder.texts(texts)
     owner_index = torch.tensor([int(o[1:]) for o in owners])
     _, text_rank = retrieval_ranks(image_features, text_features, owner_index)
     for k in (1, 5, 10):

@@ -36,8 +36,7 @@ class ClipScorer:
     def __init__(self, cfg: ClipScore):
         from clip_model import create_model, get_tokenizer
         from clip_model.checkpoint import load_clip
-        from clip_model.precision import parse_precision
-        from clip_model.transforms import eval_transform
+        from clip_model.embedder import Embedder
 
         tokenizer = cfg.tokenizer
         if cfg.checkpoint is not None:
@@ -62,25 +61,23 @@ class ClipScorer:
                     "give its file as clip_score.tokenizer"
                 )
             tokenizer = "openai"
-        if cfg.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(cfg.device)
-        self.precision = parse_precision(cfg.precision)
-        self.precision.check_device(self.device)
-        self.model = self.precision.prepare(self.model.to(self.device)).eval()
         self.tokenizer = get_tokenizer(tokenizer, context_length=self.model.config.context_length)
-        self.transform = eval_transform(self.model.config.image_size)
-        self.image_size = self.model.config.image_size
+        # the scan shows its own bar (decode + clip), so the embedder shows none
+        self.embedder = Embedder(
+            self.model,
+            self.tokenizer,
+            device=cfg.device,
+            precision=cfg.precision,
+            batch_size=cfg.batch_size,
+            progress=False,
+        )
+        self.transform = self.embedder.transform  # runs in the scan's workers
+        self.image_size = self.embedder.image_size
         self.batch_size = cfg.batch_size
 
-    @torch.inference_mode()
     def score(self, images: torch.Tensor, captions: list[str]) -> np.ndarray:
-        tokens = self.tokenizer(captions).to(self.device)
-        images = images.to(self.device, non_blocking=True)
-        with self.precision.autocast(self.device):
-            image_features, text_features, _ = self.model(images, tokens)
-        return (image_features.float() * text_features.float()).sum(-1).cpu().numpy()
+        """Cosine of each (transformed image, caption) pair."""
+        return self.embedder.pairs(images, captions)
 
 
 @dataclass

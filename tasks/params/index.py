@@ -29,7 +29,7 @@ class IndexParams(BaseModel):
     )
     model: str | None = Field(None, description=MODEL_HELP)
     precision: str = Field("fp32", description=precision_help())
-    device: str = Field("cpu", description="cpu, cuda, cuda:0, ...")
+    device: str = Field("auto", description="auto (cuda if available), cpu, cuda:0, ...")
     allow_torchscript: bool = Field(
         False,
         description="load a TorchScript checkpoint (OpenAI's .pt releases): it runs the file's code",
