@@ -160,13 +160,13 @@ class Embedder:
             batch_size=self.batch_size,
             num_workers=self.num_workers,
         )
-        out = [torch.zeros((0, self.dim))]
+        out: list[torch.Tensor] = []
         with self._bar(len(items), "image", desc) as bar, self.inference():
             for batch in loader:
                 features = self.model.encode_image(batch.to(self.device, non_blocking=True))
                 out.append(self._features(features).cpu())
                 bar.update(len(batch))
-        return torch.cat(out)
+        return torch.cat(out) if out else torch.zeros((0, self.dim))
 
     def _tokens(self, texts: Sequence[str]) -> torch.Tensor:
         if self.tokenizer is None:
@@ -175,13 +175,13 @@ class Embedder:
 
     def texts(self, texts: Sequence[str], *, desc: str | None = None) -> torch.Tensor:
         """Features [N, D] (float32, CPU) of texts."""
-        out = [torch.zeros((0, self.dim))]
+        out: list[torch.Tensor] = []
         with self._bar(len(texts), "text", desc) as bar, self.inference():
             for start in range(0, len(texts), self.batch_size):
                 chunk = texts[start : start + self.batch_size]
                 out.append(self._features(self.model.encode_text(self._tokens(chunk))).cpu())
                 bar.update(len(chunk))
-        return torch.cat(out)
+        return torch.cat(out) if out else torch.zeros((0, self.dim))
 
     def pairs(self, pixels: torch.Tensor, captions: Sequence[str]) -> np.ndarray:
         """Cosine similarity of each (transformed image, caption) pair: [B] float32 (a CLIP score
