@@ -142,7 +142,11 @@ PROGRESS = f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
 from clip_model.embedder import Embedder
+from functools import partialmethod
+import tqdm
 from tests.test_embedder import jpegs, small_model
+# tqdm redraws at most every 0.1 s: draw on every update so each batch is seen, however fast
+tqdm.tqdm.__init__ = partialmethod(tqdm.tqdm.__init__, mininterval=0, miniters=1)
 Embedder(small_model(), device="cpu", batch_size=2).images(jpegs(), desc="embed test images")
 """
 
