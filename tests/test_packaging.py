@@ -21,8 +21,14 @@ SCRIPTS = ["ingest", "curate", "train", "evaluate", "index", "search", "sample",
 
 
 def declared() -> list[Requirement]:
+    """What `make` installs: the dependencies and every extra but `gpu` (dev names the others as
+    `clip-pipeline[...]`, a reference to this project, not a dependency)."""
+    extras = PROJECT["optional-dependencies"]
+    wanted = [r for name, reqs in extras.items() if name != "gpu" for r in reqs]
     return [
-        Requirement(r) for r in PROJECT["dependencies"] + PROJECT["optional-dependencies"]["dev"]
+        req
+        for req in map(Requirement, PROJECT["dependencies"] + wanted)
+        if canonicalize_name(req.name) != canonicalize_name(PROJECT["name"])
     ]
 
 

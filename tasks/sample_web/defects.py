@@ -73,7 +73,12 @@ OUTCOMES: dict[str, tuple[str, str | None]] = {
     "http_404": ("failed_to_download", "HTTP Error 404: Not Found"),
     "http_500": ("failed_to_download", "HTTP Error 500: Internal Server Error"),
     "slow": ("failed_to_download", "timed out"),
-    "html": ("failed_to_resize", "image does not decode"),  # clip_model.images reads the header
+    # clip_model.images reads the header and names what it accepts
+    "html": (
+        "failed_to_resize",
+        "image does not decode (not an image format we read); expected a JPEG, PNG, WebP, GIF,"
+        " BMP, TIFF or AVIF image",
+    ),
     # opencv 4.14 rejects a JPEG cut anywhere before its end-of-image marker (older builds decoded
     # a mid-scan cut partially, grey-filled); a file missing only its final EOI marker decodes.
     "truncated_jpeg": ("failed_to_resize", "Image decoding error"),
