@@ -19,6 +19,8 @@ if __name__ == "__main__":  # parse and check the command line before the import
 
     raise SystemExit(main("pipeline"))
 
+import time
+
 import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -35,6 +37,7 @@ from tasks.ingest import IngestResult
 from tasks.params.pipeline import PipelineParams
 from tasks.pipeline import (
     PipelineConfig,
+    goal_line,
     load_profile,
     prepare_sample_web,
     summary_markdown,
@@ -128,10 +131,17 @@ def clip_pipeline(profile: str = "tiny", config: PipelineConfig | None = None) -
 
 def run(params: PipelineParams) -> int:
     """The command line's work, after flows/cli.py parsed and checked it."""
-    result = clip_pipeline(profile=params.profile, config=params.config())
+    cfg = params.config()
+    result = clip_pipeline(profile=params.profile, config=cfg)
     print_summary(result.crawl)
     print(f"\nZero-shot results of {result.checkpoint}:")
     print(format_results_table(result.metrics))
+    if cfg.goals is not None:
+        import psutil
+
+        # from this process's start: imports and the Prefect server's start-up count too
+        wall = time.time() - psutil.Process().create_time()
+        print(goal_line(cfg.goals, result.metrics, wall))
     print(f"\nReused stages: {', '.join(result.reused) or 'none'}")
     print(f"MLflow run {result.mlflow_run_id}; browse every run with:")
     print(f"    .venv/bin/mlflow ui --backend-store-uri {tracking_uri()}")

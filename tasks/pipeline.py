@@ -17,6 +17,7 @@ from prefect import task
 from tasks.params.pipeline import (  # noqa: F401  (importable from here, as before)
     CurateSection,
     EvaluateSection,
+    GoalsSection,
     IngestSection,
     PipelineConfig,
     ProfileError,
@@ -103,3 +104,31 @@ def summary_markdown(
     lines += ["", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" for k, v in headline.items()]
     return "\n".join(lines)
+
+
+def goal_line(
+    goals: GoalsSection, metrics: dict[str, dict[str, float]], wall_seconds: float
+) -> str:
+    """One line: each goal of the profile, the run's figure beside it, met or MISSED."""
+    parts, met = [], 0
+    for key, floor in goals.metrics.items():
+        task, _, metric = key.partition("/")
+        value = metrics.get(task, {}).get(metric)
+        if value is None:
+            parts.append(f"{key} not measured (goal >= {floor:g}) MISSED")
+            continue
+        ok = value >= floor
+        met += ok
+        parts.append(
+            f"{key} {value:.3f} {'>=' if ok else '<'} {floor:g} {'ok' if ok else 'MISSED'}"
+        )
+    if goals.wall_minutes is not None:
+        ok = wall_seconds <= goals.wall_minutes * 60
+        met += ok
+        minutes, seconds = divmod(round(wall_seconds), 60)
+        parts.append(
+            f"wall {minutes}m{seconds:02d}s {'<=' if ok else '>'} {goals.wall_minutes:g} min "
+            f"{'ok' if ok else 'MISSED'}"
+        )
+    total = len(goals.metrics) + (goals.wall_minutes is not None)
+    return f"Goals: {met} of {total} met: " + "; ".join(parts)

@@ -135,3 +135,36 @@ def test_failed_stage_marks_the_parent_failed_and_a_rerun_resumes_there(
     fixed.train.settings.pop("resume")
     result = clip_pipeline(config=fixed)
     assert result.reused == ["ingest", "curate"]
+
+
+def test_goal_line_compares_each_goal_with_the_run():
+    from tasks.pipeline import GoalsSection, goal_line
+
+    goals = GoalsSection(
+        metrics={
+            "digits/acc1": 0.85,
+            "retrieval/image_retrieval_recall@5": 0.9,
+            "shapes/acc1": 0.85,
+        },
+        wall_minutes=10,
+    )
+    metrics = {
+        "digits/acc1": {},
+        "digits": {"acc1": 0.9},
+        "retrieval": {"image_retrieval_recall@5": 0.5},
+    }
+    line = goal_line(goals, metrics, wall_seconds=9 * 60 + 5)
+    assert line == (
+        "Goals: 2 of 4 met: digits/acc1 0.900 >= 0.85 ok; "
+        "retrieval/image_retrieval_recall@5 0.500 < 0.9 MISSED; "
+        "shapes/acc1 not measured (goal >= 0.85) MISSED; wall 9m05s <= 10 min ok"
+    )
+    assert goal_line(goals, metrics, wall_seconds=601).endswith("wall 10m01s > 10 min MISSED")
+
+
+def test_tiny_profile_states_the_goals_and_a_bad_goal_is_named(tmp_path):
+    goals = load_profile("tiny").goals
+    assert goals is not None and goals.wall_minutes == 10
+    assert goals.metrics["digits/acc1"] == 0.85 and goals.metrics["colors/acc1"] == 0.95
+    with pytest.raises(ProfileError, match=r"goals\.metrics.*'acc1': expected '<task>/<metric>'"):
+        micro(tmp_path, **{"goals.metrics": {"acc1": 0.5}})

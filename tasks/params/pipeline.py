@@ -24,6 +24,7 @@ from tasks.params import cli
 from tasks.params.ingest import CrawlParams
 
 __all__ = [
+    "GoalsSection",
     "PipelineConfig",
     "PipelineParams",
     "ProfileError",
@@ -79,6 +80,26 @@ class EvaluateSection(_Section):
         return parse_precision(value).name  # one name per behaviour (clip_model.precision)
 
 
+class GoalsSection(_Section):
+    """What a run of the profile should reach; `make sample` prints one line comparing them."""
+
+    metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="'<task>/<metric>' of the evaluation (digits/acc1, "
+        "retrieval/image_retrieval_recall@5) -> its minimum",
+    )
+    wall_minutes: float | None = Field(None, gt=0, description="the whole run's wall time, at most")
+
+    @field_validator("metrics")
+    @classmethod
+    def _task_slash_metric(cls, value: dict[str, float]) -> dict[str, float]:
+        for key in value:
+            task, _, metric = key.partition("/")
+            if not task or not metric:
+                raise ValueError(f"{key!r}: expected '<task>/<metric>', e.g. 'digits/acc1'")
+        return value
+
+
 class PipelineConfig(_Section):
     """ingest -> curate -> train -> evaluate, each section that stage's parameters."""
 
@@ -90,6 +111,7 @@ class PipelineConfig(_Section):
     curate: CurateSection
     train: TrainSection = Field(default_factory=TrainSection)
     evaluate: EvaluateSection
+    goals: GoalsSection | None = None
 
     @model_validator(mode="after")
     def _has_urls(self) -> PipelineConfig:
