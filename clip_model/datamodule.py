@@ -17,9 +17,12 @@ mid-epoch resume exact without replaying the epoch:
   already produced; the DataLoader's round-robin over workers then continues exactly where the
   killed run stopped.
 - A shard that cannot be read (bad tar header, short read) is skipped, warned about and counted;
-  an image that will not decode is replaced by another sample of its batch and counted (a
-  replacement, not a draw, so every batch consumes exactly `batch_size` raw samples and the
-  resume arithmetic stays exact). The counts travel with each batch to the main process.
+  a bad sample (an image that will not decode, a caption that is not UTF-8) is replaced by another
+  sample of its batch, counted and named by shard and key (a replacement, not a draw, so every
+  batch consumes exactly `batch_size` raw samples and the resume arithmetic stays exact). The
+  counts travel with each batch to the main process. What is not the data's fault (the store
+  failing to read, MemoryError) stops training naming the shard (docs/design.md, "The dataset
+  format").
 
 Images decode with clip_model.images (the one decoder; a JPEG at least twice the training size
 decodes in draft mode at a reduced scale); a pixel bomb or undecodable image is a bad sample.
@@ -42,7 +45,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clip_model.images import decode_image
-from storage import Dataset, DatasetError, open_dataset
+from storage import Dataset, DatasetError, ShardReadError, open_dataset
 from storage.fs import filesystem
 
 __all__ = ["ClipDataModule", "DataPosition", "is_validation_key"]
@@ -93,9 +96,10 @@ class _ErrorLog:
             warnings.warn(f"skipping corrupt shard {shard.url}: {problem}", stacklevel=2)
         self.corrupt_shards.add(shard.name)
 
-    def sample(self, key: str, problem: Any) -> None:
+    def sample(self, sample: dict[str, Any], problem: Any) -> None:
         self.bad_samples += 1
-        warnings.warn(f"replacing undecodable sample {key!r}: {problem}", stacklevel=2)
+        key, shard = sample.get("__key__", "?"), sample.get("__url__", "?")
+        warnings.warn(f"replacing bad sample {key!r} of {shard}: {problem}", stacklevel=2)
 
 
 def _read_shard(shard: ShardRef, errors: _ErrorLog) -> Iterator[dict[str, Any]]:
@@ -108,7 +112,14 @@ def _read_shard(shard: ShardRef, errors: _ErrorLog) -> Iterator[dict[str, Any]]:
             for sample in wds.tariterators.group_by_keys(files):
                 count += 1
                 yield sample
-    except Exception as e:  # noqa: BLE001 - tarfile, OSError, ValueError: all mean "corrupt"
+    except MemoryError:
+        raise
+    except OSError as e:  # the store failed, not the data (docs/design.md, "The dataset format")
+        raise ShardReadError(
+            f"{shard.url}: the store failed to read this shard ({e!r}); training stops rather "
+            "than skip it: fix the store or retry"
+        ) from e
+    except Exception as e:  # noqa: BLE001 - tarfile and webdataset errors: the tar is corrupt
         errors.shard(shard, repr(e))
         return
     if count < shard.num_samples:  # tarfile stops quietly at a garbled header mid-file
@@ -142,12 +153,16 @@ class _Preprocess:
         self, raw: list[dict[str, Any]], seeds: list[int | None], errors: _ErrorLog
     ) -> dict[str, Any]:
         images: list[torch.Tensor | None] = []
+        captions: list[str] = []
         for sample, seed in zip(raw, seeds, strict=True):
             try:
-                images.append(self.image(sample, seed))
-            except Exception as e:  # noqa: BLE001 - any decoder error: count it, fill in
-                errors.sample(sample.get("__key__", "?"), repr(e))
-                images.append(None)
+                caption, image = _caption(sample), self.image(sample, seed)
+            except ValueError as e:  # the sample's fault (ImageDecodeError, a non-UTF-8 caption);
+                # MemoryError and OSError are not, and stop the run
+                errors.sample(sample, e)
+                caption, image = "", None
+            captions.append(caption)
+            images.append(image)
         good = [i for i, image in enumerate(images) if image is not None]
         if not good:
             keys = [s.get("__key__") for s in raw[:5]]
@@ -163,13 +178,14 @@ class _Preprocess:
                 fill.append(i)
         return {
             "image": torch.stack([images[i] for i in fill]),
-            "text": self.tokenizer([_caption(raw[i]) for i in fill]),
+            "text": self.tokenizer([captions[i] for i in fill]),
             "corrupt_shards": sorted(errors.corrupt_shards),
             "bad_samples": torch.tensor(errors.bad_samples),
         }
 
 
 def _caption(sample: dict[str, Any]) -> str:
+    """The caption; a `.txt` that is not UTF-8 raises UnicodeDecodeError (a bad sample)."""
     text = sample.get("txt", b"")
     return text.decode("utf-8") if isinstance(text, bytes) else str(text)
 
@@ -247,7 +263,7 @@ class TrainStream(IterableDataset):
                     if i % stride != offset:
                         continue
                     if not any(e in sample for e in IMAGE_EXTS):
-                        errors.sample(sample.get("__key__", "?"), "no image in the sample")
+                        errors.sample(sample, "no image in the sample")
                         continue
                     if is_validation_key(sample["__key__"], self.val_fraction):
                         continue

@@ -14,6 +14,8 @@ _EXPORTS = {
     "DatasetError": "storage.dataset",
     "DatasetWriter": "storage.dataset",
     "Sample": "storage.dataset",
+    "SampleError": "storage.dataset",
+    "ShardReadError": "storage.dataset",
     "describe_shard": "storage.dataset",
     "open_dataset": "storage.dataset",
     "read_shard": "storage.dataset",

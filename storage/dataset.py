@@ -18,7 +18,7 @@ import io
 import json
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,13 +29,39 @@ from pydantic import ValidationError
 from storage.fs import atomic_open, exists, filesystem, join, sha256_file
 from storage.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, Producer, ShardEntry
 
-__all__ = ["Dataset", "DatasetError", "DatasetWriter", "Sample", "open_dataset", "shard_name"]
+__all__ = [
+    "Dataset",
+    "DatasetError",
+    "DatasetWriter",
+    "Sample",
+    "SampleError",
+    "ShardReadError",
+    "open_dataset",
+    "shard_name",
+]
 
 SHARD_RE = re.compile(r"^\d{5,}$")
 
 
 class DatasetError(ValueError):
     """A dataset, shard or manifest that cannot be read as this project's format."""
+
+
+class SampleError(DatasetError):
+    """One sample of a shard that cannot be read: no image, a caption that is not UTF-8, metadata
+    that is not a JSON object. The sample's fault, never the run's: readers count it and go on."""
+
+    def __init__(self, shard: str, key: str, problem: str):
+        super().__init__(f"{shard}: sample {key!r}: {problem}")
+        self.shard, self.key, self.problem = shard, key, problem
+
+
+class ShardReadError(OSError):
+    """The store failed to read a shard (permissions, network, disk): not the data's fault, so it
+    stops the run instead of being counted as a corrupt shard (a retry may succeed)."""
+
+
+OnBadSample = Callable[[SampleError], None]
 
 
 def shard_name(index: int) -> str:
@@ -91,11 +117,14 @@ class Dataset:
             return pa.table({c: pa.array([], pa.string()) for c in (columns or ["key"])})
         return pa.concat_tables(tables, promote_options="default")
 
-    def iter_samples(self, shards: list[str] | None = None) -> Iterator[Sample]:
-        """Samples in shard order; a truncated or corrupt tar raises DatasetError naming it."""
+    def iter_samples(
+        self, shards: list[str] | None = None, *, on_bad_sample: OnBadSample | None = None
+    ) -> Iterator[Sample]:
+        """Samples in shard order; a truncated or corrupt tar raises DatasetError naming it, a bad
+        sample goes to `on_bad_sample` (see `read_shard`)."""
         for entry in self.manifest.shards:
             if shards is None or entry.name in shards:
-                yield from read_shard(join(self.url, f"{entry.name}.tar"))
+                yield from read_shard(join(self.url, f"{entry.name}.tar"), on_bad_sample)
 
     def verify(self) -> None:
         """Deep check: every shard's bytes, row and sample counts agree with the manifest."""
@@ -105,7 +134,8 @@ class Dataset:
             digest, _ = sha256_file(tar_url)
             if digest != entry.tar_sha256:
                 raise DatasetError(f"{tar_url}: sha256 differs from {MANIFEST_NAME}")
-            n = sum(1 for _ in read_shard(tar_url))
+            bad: list[SampleError] = []  # a bad sample is still one of the shard's samples
+            n = sum(1 for _ in read_shard(tar_url, bad.append)) + len(bad)
             if n != entry.num_samples:
                 raise DatasetError(
                     f"{tar_url}: holds {n} samples, {MANIFEST_NAME} says {entry.num_samples}"
@@ -118,10 +148,28 @@ class Dataset:
                 )
 
 
-def read_shard(tar_url: str) -> Iterator[Sample]:
-    """The samples of one WebDataset tar, grouped by key."""
+def read_shard(tar_url: str, on_bad_sample: OnBadSample | None = None) -> Iterator[Sample]:
+    """The samples of one WebDataset tar, grouped by key.
+
+    Three kinds of failure, three outcomes:
+    - a bad sample (no image, caption not UTF-8, metadata not a JSON object) is left out and
+      handed to `on_bad_sample` as a SampleError naming the shard and the key; the shard goes on.
+      Without `on_bad_sample` it is raised (a reader that may not lose samples, stopped clearly);
+    - a truncated or corrupt tar raises DatasetError naming it (the shard's fault);
+    - the store failing to read (any other OSError) raises ShardReadError naming it: not the
+      data's fault, so never to be counted as corruption (docs/design.md, "The dataset format").
+    """
     fs, path = filesystem(tar_url)
     current: dict[str, Any] = {}
+
+    def sample(parts: dict[str, Any]) -> Iterator[Sample]:
+        try:
+            yield _to_sample(parts, tar_url)
+        except SampleError as e:
+            if on_bad_sample is None:
+                raise
+            on_bad_sample(e)
+
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for member in tar:
@@ -131,23 +179,37 @@ def read_shard(tar_url: str) -> Iterator[Sample]:
                 key, _, ext = base.partition(".")
                 data = tar.extractfile(member).read()
                 if current and current["key"] != key:
-                    yield _to_sample(current, tar_url)
+                    yield from sample(current)
                     current = {}
                 current["key"] = key
                 current[ext] = data
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError) as e:
         raise DatasetError(f"{tar_url}: truncated or corrupt tar ({e})") from e
+    except OSError as e:
+        raise ShardReadError(
+            f"{tar_url}: the store failed to read this shard ({e}); not counted as a corrupt "
+            "shard: fix the store or retry"
+        ) from e
     if current:
-        yield _to_sample(current, tar_url)
+        yield from sample(current)
 
 
 def _to_sample(parts: dict[str, Any], tar_url: str) -> Sample:
+    key = parts["key"]
     ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
     if ext is None:
-        raise DatasetError(f"{tar_url}: sample {parts['key']!r} has no image (jpg/png/webp)")
-    meta = json.loads(parts["json"]) if "json" in parts else {}
-    caption = parts.get("txt", b"").decode("utf-8")
-    return Sample(key=parts["key"], image=parts[ext], caption=caption, meta=meta, image_ext=ext)
+        raise SampleError(tar_url, key, "has no image (jpg/jpeg/png/webp)")
+    try:
+        caption = parts.get("txt", b"").decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SampleError(tar_url, key, f"caption ({key}.txt) is not UTF-8 ({e})") from None
+    try:
+        meta = json.loads(parts["json"]) if "json" in parts else {}
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SampleError(tar_url, key, f"metadata ({key}.json) is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise SampleError(tar_url, key, f"metadata ({key}.json) is not a JSON object")
+    return Sample(key=key, image=parts[ext], caption=caption, meta=meta, image_ext=ext)
 
 
 def open_dataset(url: str, *, verify: bool = False) -> Dataset:

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from clip_model.checkpoint import LoadedClip
 from clip_model.embedder import Embedder
 from clip_model.images import ImageDecodeError, decode_image
-from storage import Dataset, DatasetError
+from storage import Dataset, DatasetError, SampleError
 from storage.embeddings import (
     Dtype,
     EmbeddingStore,
@@ -107,9 +107,9 @@ def embed_shard(
 ) -> ShardEmbeddings:
     """Embed every image and caption of one dataset shard and commit its embedding files.
 
-    An image that does not decode (clip_model.images: `undecodable` or `too_large`) is left out
-    and counted, never a reason to stop: the row order of the written vectors is that of the
-    keys file.
+    An image that does not decode (clip_model.images: `undecodable` or `too_large`) or a sample
+    that does not read (storage.dataset.SampleError) is left out and counted, never a reason to
+    stop: the row order of the written vectors is that of the keys file.
     """
     logger = get_run_logger()
     keys, captions, image_vectors, text_vectors = [], [], [], []
@@ -126,7 +126,14 @@ def embed_shard(
                 progress.update(len(batch))
             batch.clear()
 
-    for sample in dataset.iter_samples(shards=[entry.name]):
+    def bad_sample(error: SampleError) -> None:  # caption not UTF-8, metadata not JSON, no image
+        nonlocal skipped
+        skipped += 1
+        logger.warning("shard %s: sample skipped: %s", entry.name, error)
+        if progress is not None:
+            progress.update(1)
+
+    for sample in dataset.iter_samples(shards=[entry.name], on_bad_sample=bad_sample):
         try:
             batch.append((sample.key, sample.caption, decode_image(sample.image, sample.key)))
         except ImageDecodeError as e:

@@ -1,7 +1,8 @@
 """The image pass: decode every surviving sample once, hash it, and score it with CLIP.
 
-Images decode with clip_model.images. A sample whose image does not decode, whose shard is
-corrupt, or which is missing from its tar is reported (reason `undecodable`; a pixel bomb,
+Images decode with clip_model.images. A sample whose image does not decode, whose caption or
+metadata does not read (storage.dataset.SampleError), whose shard is corrupt, or which is missing
+from its tar is reported (reason `undecodable`; a pixel bomb,
 `too_large`) instead of stopping the run. Decoding runs in torch DataLoader
 workers (shards split between them); CLIP runs in the main process in batches.
 """
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from clip_model.images import ImageDecodeError, decode_image
-from storage import Dataset, DatasetError, read_shard
+from storage import Dataset, DatasetError, SampleError, read_shard
 from storage.fs import join
 from tasks.curation.near_dup import THUMB_BYTES, phash64, thumbnail
 from tasks.curation.spec import ClipScore
@@ -121,9 +122,10 @@ class _ShardScan(IterableDataset):
 
     def _scan(self, tar_url: str, wanted: dict[str, int], problem: str | None) -> Iterator[tuple]:
         seen: set[str] = set()
+        bad: dict[str, SampleError] = {}  # caption not UTF-8, metadata not JSON, no image
         if problem is None:
             try:
-                for sample in read_shard(tar_url):
+                for sample in read_shard(tar_url, lambda e: bad.setdefault(e.key, e)):
                     row = wanted.get(sample.key)
                     if row is None or sample.key in seen:
                         continue
@@ -133,7 +135,7 @@ class _ShardScan(IterableDataset):
                 problem = f"corrupt shard: {e}"
         for key, row in wanted.items():
             if key not in seen:
-                why = problem or f"sample missing from {tar_url}"
+                why = str(bad[key]) if key in bad else problem or f"sample missing from {tar_url}"
                 yield (row, ("undecodable", why), 0, None, 0, 0, None)
 
     def _features(self, row: int, key: str, data: bytes) -> tuple:

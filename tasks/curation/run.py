@@ -30,6 +30,7 @@ from storage import (
     DatasetError,
     DatasetWriter,
     Manifest,
+    SampleError,
     open_dataset,
     read_shard,
     stage_output,
@@ -329,6 +330,16 @@ def curation_identity(input_digest: str, parameters: dict[str, Any]) -> dict[str
     return {"input_digest": input_digest, "parameters": _normal(parameters)}
 
 
+def _unless(wanted: dict[str, Any]) -> Callable[[SampleError], None]:
+    """A bad sample the image pass already rejected is passed over; one we keep cannot be bad."""
+
+    def on_bad_sample(error: SampleError) -> None:
+        if error.key in wanted:
+            raise error
+
+    return on_bad_sample
+
+
 def _write_curated(
     ds: Dataset,
     sel: Selection,
@@ -367,7 +378,7 @@ def _write_curated(
                     raise RuntimeError(f"kept samples in damaged shard {shard}")  # cannot happen
                 part = rows.take(pa.array(by_shard[shard]))
                 wanted = {r["key"]: r for r in part.to_pylist()}
-                for sample in read_shard(join(ds.url, f"{shard}.tar")):
+                for sample in read_shard(join(ds.url, f"{shard}.tar"), _unless(wanted)):
                     row = wanted.pop(sample.key, None)
                     if row is None:
                         continue
