@@ -18,7 +18,15 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["atomic_open", "atomic_write_bytes", "exists", "filesystem", "join", "sha256_file"]
+__all__ = [
+    "atomic_open",
+    "atomic_write_bytes",
+    "exists",
+    "filesystem",
+    "is_local",
+    "join",
+    "sha256_file",
+]
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -30,6 +38,12 @@ def join(base: str, *names: str) -> str:
     """Join path components, keeping a URL's protocol (`memory://a` + `b` -> `memory://a/b`)."""
     base = str(base).rstrip("/")
     return "/".join([base, *(n.strip("/") for n in names)])
+
+
+def is_local(url: str) -> bool:
+    """Whether `url` names this machine's disk (a plain path or `file://`), not a remote store."""
+    protocol, _, _ = str(url).partition("://")
+    return "://" not in str(url) or protocol in ("file", "local")
 
 
 def exists(url: str) -> bool:

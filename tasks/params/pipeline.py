@@ -20,6 +20,7 @@ import configs
 from clip_model.precision import accepted_spellings, parse_precision
 from configs import ConfigError
 from configs.overrides import Override, apply_overrides, parse_overrides, validate
+from storage.fs import is_local, join
 from tasks.params import cli
 from tasks.params.ingest import CrawlParams
 
@@ -42,6 +43,10 @@ class _Section(BaseModel):
 class SampleWebSection(_Section):
     """Generate the sample web and serve it on 127.0.0.1 while the crawl runs."""
 
+    dir: str | None = Field(
+        None,
+        description="a local folder for it (it is served from disk); default: data_root/sample_web",
+    )
     seed: int = 0
     port: int = Field(8765, ge=0, le=65535, description="fixed, so the URL list is stable")
     n_scenes: int = Field(1800, gt=0)
@@ -119,13 +124,31 @@ class PipelineConfig(_Section):
             raise ValueError("ingest.url_list is required when there is no sample_web section")
         return self
 
+    @model_validator(mode="after")
+    def _sample_web_is_local(self) -> PipelineConfig:
+        if self.sample_web is not None and not is_local(self.sample_dir):
+            where = (
+                f"it is {self.sample_web.dir}"
+                if self.sample_web.dir
+                else f"data_root is {self.data_root}"
+            )
+            raise ValueError(
+                f"sample_web.dir: the sample web is generated and served from a local folder, and "
+                f"{where}; set sample_web.dir to a local path"
+            )
+        return self
+
     def path(self, stage: str) -> str:
-        """The output folder of a stage: data_root/<stage>/<profile name>."""
-        return str(Path(self.data_root) / stage / self.name)
+        """The output folder of a stage: data_root/<stage>/<profile name>, a local path or a URL
+        (joined by storage.fs: `Path` would turn `s3://b` into `s3:/b`)."""
+        return join(self.data_root, stage, self.name)
 
     @property
     def sample_dir(self) -> str:
-        return str(Path(self.data_root) / "sample_web")
+        """The sample web's local folder (it is served over HTTP from disk)."""
+        if self.sample_web is not None and self.sample_web.dir:
+            return self.sample_web.dir
+        return join(self.data_root, "sample_web")
 
     def train_items(self, data: str, data_digest: str = "") -> list[str]:
         """The training config overrides as `key=value` strings, data and out_dir included.
