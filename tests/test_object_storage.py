@@ -42,4 +42,3 @@ def test_sample_web_under_object_storage_is_refused():
         load_profile("micro", {"data_root": "s3://bucket/clip"})
     with pytest.raises(ProfileError, match=r"sample_web\.dir: .*local folder"):
         load_profile("micro", {"sample_web.dir": "s3://bucket/web"})
-
