@@ -3,10 +3,12 @@
 The data order is a pure function of (seed, epoch, step, world size, workers), which is what makes
 mid-epoch resume exact without replaying the epoch:
 
-- Every (rank, worker) pair is a *slot*: slot `s = rank * workers + role` reads its own shards
-  (the shard list, shuffled per epoch, dealt out `shards[s::slots]`; with fewer shards than slots
-  several slots read one shard and keep every k-th sample of it). Its stream repeats its shards
-  until the epoch is over, so a rank whose shards are small never runs dry (docs/design.md, trap 7).
+- Every (rank, worker) pair is a *slot*: slot `s = rank * workers + role` reads its own range
+  of the epoch (clip_model/shard_plan.py: the shards, shuffled per epoch, read as one sequence
+  of samples cut into consecutive ranges of exactly what each slot trains on), so every training
+  sample is read once per epoch whatever the shard count and sizes, and no rank runs dry
+  (docs/design.md, trap 7). Only a slot short of samples (a corrupt shard) reads on past its
+  range, taking a few repeats rather than stopping.
 - The epoch length comes from the manifest (and the Parquet keys when a validation split is held
   out): `train_samples // (world_size * batch_size)` batches on every rank, however uneven the
   shards, so DDP never waits on a rank that has stopped.
@@ -45,6 +47,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clip_model.images import decode_image
+from clip_model.shard_plan import Piece, ShardRef, deal
 from storage import Dataset, DatasetError, ShardReadError, open_dataset
 from storage.fs import filesystem
 
@@ -67,13 +70,6 @@ def is_validation_key(key: str, fraction: float) -> bool:
     if fraction <= 0:
         return False
     return _seed("val", key) / 2**64 < fraction
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    url: str
-    name: str
-    num_samples: int
 
 
 @dataclass
@@ -228,53 +224,84 @@ class TrainStream(IterableDataset):
         n = self.batches_per_epoch
         return n // workers + (role < n % workers)
 
-    def _slot_shards(self, slot: int, slots: int) -> tuple[Iterator[list[ShardRef]], int, int]:
-        """This slot's endless sequence of shard rounds, and which 1-in-`stride` samples it keeps.
-
-        A round is one pass over the slot's own shards (or, resampled, as many draws as there
-        are shards); a round without a single readable sample means the slot can never fill a
-        batch, which is an error rather than a hang.
-        """
+    def _resampled(self, slot: int, errors: _ErrorLog) -> Iterator[dict]:
+        """With replacement, every slot from every shard (OpenCLIP's mode): no epoch coverage."""
         rng = random.Random(_seed(self.seed, self.epoch, slot, "shards"))
-        if self.resampled:  # with replacement, every slot from every shard (OpenCLIP's mode)
-            n = len(self.shards)
-            return (rng.choices(self.shards, k=n) for _ in iter(int, 1)), 1, 0
-        order = list(self.shards)
-        random.Random(_seed(self.seed, self.epoch)).shuffle(order)
-        n = len(order)
-        if n >= slots:
-            mine, stride, offset = order[slot::slots], 1, 0
-        else:  # fewer shards than slots: slots sharing a shard take every stride-th sample
-            mine, stride, offset = [order[slot % n]], len(range(slot % n, slots, n)), slot // n
-
-        def rounds() -> Iterator[list[ShardRef]]:
-            while True:
-                yield list(mine)
-                rng.shuffle(mine)
-
-        return rounds(), stride, offset
-
-    def _raw_samples(self, slot: int, slots: int, errors: _ErrorLog) -> Iterator[dict]:
-        rounds, stride, offset = self._slot_shards(slot, slots)
-        for shards in rounds:
+        while True:
             readable = 0
-            for shard in shards:
-                for i, sample in enumerate(_read_shard(shard, errors)):
-                    if i % stride != offset:
-                        continue
-                    if not any(e in sample for e in IMAGE_EXTS):
-                        errors.sample(sample, "no image in the sample")
-                        continue
-                    if is_validation_key(sample["__key__"], self.val_fraction):
-                        continue
+            for shard in rng.choices(self.shards, k=len(self.shards)):
+                for sample in self._training(_read_shard(shard, errors), errors):
                     readable += 1
                     yield sample
-            if readable == 0:
-                raise DatasetError(
-                    f"no readable training sample in shards {[s.url for s in shards]} "
-                    f"(rank {self.rank}, slot {slot} of {slots}; corrupt: "
-                    f"{sorted(errors.corrupt_shards) or 'none'})"
-                )
+            self._check_readable(readable, self.shards, slot, errors)
+
+    def _training(self, samples: Iterator[dict], errors: _ErrorLog) -> Iterator[dict]:
+        """Training samples only: held-out keys skipped; a sample without an image counted."""
+        for sample in samples:
+            if is_validation_key(sample["__key__"], self.val_fraction):
+                continue
+            if not any(e in sample for e in IMAGE_EXTS):
+                errors.sample(sample, "no image in the sample")
+                continue
+            yield sample
+
+    def _check_readable(self, readable: int, shards: list[ShardRef], slot: int, errors) -> None:
+        if readable == 0:  # the slot can never fill a batch: an error rather than a hang
+            raise DatasetError(
+                f"no readable training sample in shards {[s.url for s in shards]} "
+                f"(rank {self.rank}, slot {slot}; corrupt: "
+                f"{sorted(errors.corrupt_shards) or 'none'})"
+            )
+
+    def plan(self, workers: int) -> list[list[Piece]]:
+        """Every slot's pieces of this epoch (clip_model/shard_plan.py): each training sample
+        read by one slot only; slot `rank * workers + role` needs its role's batches' worth."""
+        order = list(self.shards)
+        random.Random(_seed(self.seed, self.epoch)).shuffle(order)
+        needs = [
+            self.role_batches(role, workers) * self.batch_size
+            for _ in range(self.world_size)
+            for role in range(workers)
+        ]
+        return deal(order, needs)
+
+    def _piece(self, piece: Piece, errors: _ErrorLog) -> Iterator[dict]:
+        index = 0  # training samples of the shard so far, in tar order
+        for sample in _read_shard(piece.shard, errors):
+            if index >= piece.stop:
+                return  # the rest of the tar is another slot's
+            if is_validation_key(sample["__key__"], self.val_fraction):
+                continue
+            index += 1
+            if index <= piece.first:
+                continue  # undecoded: skipping costs only the tar read
+            if not any(e in sample for e in IMAGE_EXTS):
+                errors.sample(sample, "no image in the sample")
+                continue
+            yield sample
+
+    def _raw_samples(self, slot: int, workers: int, errors: _ErrorLog) -> Iterator[dict]:
+        """The slot's own range of the epoch, shuffled; then, only if some of it was unreadable
+        (a corrupt shard, a sample without an image), samples from the whole epoch order so
+        the batch count holds (those few are repeats)."""
+        pieces = self.plan(workers)[slot]
+        own = (sample for piece in pieces for sample in self._piece(piece, errors))
+        if self.shuffle_buffer > 1:
+            rng = random.Random(_seed(self.seed, self.epoch, slot, "buffer"))
+            # a finite stream: the buffer drains at its end, before any fallback sample enters
+            own = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(own)
+        yield from own
+        order = list(self.shards)
+        random.Random(_seed(self.seed, self.epoch)).shuffle(order)
+        start = order.index(pieces[-1].shard) if pieces else 0
+        order = order[start:] + order[:start]
+        while True:
+            readable = 0
+            for shard in order:
+                for sample in self._training(_read_shard(shard, errors), errors):
+                    readable += 1
+                    yield sample
+            self._check_readable(readable, order, slot, errors)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -286,14 +313,16 @@ class TrainStream(IterableDataset):
         last = self.role_batches(role, workers)
         if first >= last:
             return
-        slot, slots = self.rank * workers + role, self.world_size * workers
+        slot = self.rank * workers + role
         errors = _ErrorLog()
-        samples = self._raw_samples(slot, slots, errors)
-        if self.shuffle_buffer > 1:
-            rng = random.Random(_seed(self.seed, self.epoch, slot, "buffer"))
-            samples = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(
-                samples
-            )
+        if self.resampled:
+            samples = self._resampled(slot, errors)
+            if self.shuffle_buffer > 1:
+                rng = random.Random(_seed(self.seed, self.epoch, slot, "buffer"))
+                shuffle = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)
+                samples = shuffle(samples)
+        else:
+            samples = self._raw_samples(slot, workers, errors)
         b = self.batch_size
         for _ in islice(samples, first * b):  # undecoded: skipping costs only tar reads
             pass
@@ -301,6 +330,7 @@ class TrainStream(IterableDataset):
             raw = list(islice(samples, b))
             seeds = [_seed(self.seed, self.epoch, slot, local * b + i) for i in range(b)]
             batch = self.preprocess.batch(raw, seeds, errors)
+            batch["keys"] = [sample.get("__key__") for sample in raw]  # what it consumed
             batch["index"] = torch.tensor(local * workers + role)
             batch["epoch"] = torch.tensor(self.epoch)
             yield batch
@@ -428,6 +458,7 @@ class ClipDataModule(L.LightningDataModule):
         self.position = DataPosition()
         self.corrupt_shards: set[str] = set()  # seen by this rank's workers
         self._bad_samples: dict[tuple[int, int], int] = {}  # (epoch, role) -> cumulative count
+        self._train_per_shard: dict[str, int] = {}  # shard -> training samples, when held out
         self.train_samples, self.val_samples = self._count_samples()
 
     # -- sizes from the manifest (and Parquet keys when a split is held out) --
@@ -440,14 +471,17 @@ class ClipDataModule(L.LightningDataModule):
             return total, min(self.val_dataset.manifest.total_samples, self.val_max_samples)
         if self.val_fraction == 0:
             return total, 0
-        table = self.dataset.metadata(columns=["key", "status"])
-        keys = [
-            k
-            for k, s in zip(table["key"].to_pylist(), table["status"].to_pylist(), strict=True)
-            if s == "success"
-        ]
-        n_val = sum(is_validation_key(k, self.val_fraction) for k in keys)
-        return len(keys) - n_val, min(n_val, self.val_max_samples)
+        table = self.dataset.metadata(columns=["key", "status"], with_shard=True)
+        n_val = 0
+        columns = (table[c].to_pylist() for c in ("key", "status", "shard"))
+        for key, status, shard in zip(*columns, strict=True):
+            if status != "success":
+                continue
+            if is_validation_key(key, self.val_fraction):
+                n_val += 1
+            else:  # per shard: what lets the epoch plan cut shards at exact sample counts
+                self._train_per_shard[shard] = self._train_per_shard.get(shard, 0) + 1
+        return sum(self._train_per_shard.values()), min(n_val, self.val_max_samples)
 
     @property
     def world_size(self) -> int:
@@ -476,8 +510,14 @@ class ClipDataModule(L.LightningDataModule):
         return n
 
     def _shards(self, dataset: Dataset) -> list[ShardRef]:
+        held_out = dataset is self.dataset and self.val_fraction > 0
         return [
-            ShardRef(url, entry.name, entry.num_samples)
+            ShardRef(
+                url,
+                entry.name,
+                entry.num_samples,
+                self._train_per_shard.get(entry.name, 0) if held_out else -1,
+            )
             for url, entry in zip(dataset.tar_urls(), dataset.manifest.shards, strict=True)
             if entry.num_samples > 0
         ]
