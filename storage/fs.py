@@ -2,7 +2,10 @@
 
 Every stage reads and writes through here, so `s3://bucket/ds`, `memory://ds` and `./data/ds`
 behave alike. A file is written under a temporary name and renamed into place, so a reader never
-sees half a file under its final name.
+sees half a file under its final name. Libraries that only take a local file name (torch.load of
+a checkpoint, a tokenizer file, matplotlib, `mlflow.log_artifact`) get one from `local_path`
+(a remote file downloaded once into a cache, keyed by its URL and version) and `local_output`
+(written locally, uploaded into place when the block succeeds).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import IO
@@ -25,6 +30,8 @@ __all__ = [
     "filesystem",
     "is_local",
     "join",
+    "local_output",
+    "local_path",
     "sha256_file",
 ]
 
@@ -87,3 +94,58 @@ def sha256_file(url: str, chunk: int = 1 << 20) -> tuple[str, int]:
             h.update(block)
             size += len(block)
     return h.hexdigest(), size
+
+
+def _cache_root() -> str:
+    return os.environ.get("CLIP_PIPELINE_FS_CACHE") or os.path.join(
+        tempfile.gettempdir(), "clip-pipeline-fs-cache"
+    )
+
+
+def local_path(url: str) -> str:
+    """A local file holding what `url` holds: the path itself when it is local, else a copy in a
+    cache (CLIP_PIPELINE_FS_CACHE, default under the temporary folder) keyed by the URL and the
+    stored file's version (`ukey`: ETag, size, mtime), so a rewritten file is fetched again. The
+    copy keeps the file's name. FileNotFoundError names the URL."""
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        return path
+    try:
+        version = fs.ukey(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: no such file") from None
+    key = hashlib.sha256(f"{fs.unstrip_protocol(path)}\n{version}".encode()).hexdigest()[:24]
+    folder = os.path.join(_cache_root(), key)
+    dest = os.path.join(folder, path.rstrip("/").rsplit("/", 1)[-1])
+    if not os.path.isfile(dest):
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{dest}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            fs.get_file(path, tmp)
+            os.replace(tmp, dest)  # a concurrent download of the same version is the same bytes
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    return dest
+
+
+@contextlib.contextmanager
+def local_output(url: str) -> Iterator[str]:
+    """A local file name for a library to write `url` through: the path itself when it is local
+    (the library's own write), else a temporary file uploaded into place (atomic_open) when the
+    block succeeds; nothing appears at `url` if it fails."""
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        yield path
+        return
+    folder = tempfile.mkdtemp(prefix="clip-output-")
+    try:
+        local = os.path.join(folder, path.rstrip("/").rsplit("/", 1)[-1])
+        yield local
+        with open(local, "rb") as src, atomic_open(url, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -3,9 +3,84 @@ against a real S3 API (moto's standalone server on 127.0.0.1, started and stoppe
 
 from __future__ import annotations
 
+import socket
+import urllib.request
+
 import pytest
 
 from tasks.pipeline import ProfileError, load_profile
+
+# ---- a real S3 API -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """moto's S3 server on a free loopback port, found by every process through the environment
+    (AWS_ENDPOINT_URL: the trainer and img2dataset are subprocesses); yields an s3fs client."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("bucket")
+        yield fs
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        # the server's buckets live in this process's moto backends, not in the server: reset them
+        reset = urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST")
+        urllib.request.urlopen(reset, timeout=30).close()
+        server.stop()
+
+
+def test_local_path_fetches_a_remote_file_once_per_version(s3, tmp_path, monkeypatch):
+    from storage.fs import atomic_write_bytes, local_path
+
+    monkeypatch.setenv("CLIP_PIPELINE_FS_CACHE", str(tmp_path / "cache"))
+    atomic_write_bytes("s3://bucket/run/tokenizer.json", b"first")
+    first = local_path("s3://bucket/run/tokenizer.json")
+    assert first.endswith("/tokenizer.json") and open(first, "rb").read() == b"first"
+    assert local_path("s3://bucket/run/tokenizer.json") == first
+    atomic_write_bytes("s3://bucket/run/tokenizer.json", b"second, longer")
+    second = local_path("s3://bucket/run/tokenizer.json")
+    assert second != first and open(second, "rb").read() == b"second, longer"
+    assert local_path(str(tmp_path / "x.json")) == str(tmp_path / "x.json")
+    with pytest.raises(FileNotFoundError, match="s3://bucket/run/nothing.json"):
+        local_path("s3://bucket/run/nothing.json")
+
+
+def test_local_output_uploads_only_what_succeeded(s3):
+    from storage.fs import local_output
+
+    with local_output("s3://bucket/out/plot.png") as path:
+        assert path.endswith("/plot.png")
+        with open(path, "wb") as f:
+            f.write(b"png")
+    assert s3.cat("bucket/out/plot.png") == b"png"
+    with pytest.raises(RuntimeError), local_output("s3://bucket/out/broken.png") as path:
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("the library failed")
+    assert not s3.exists("bucket/out/broken.png")
+    assert s3.ls("bucket/out") == ["bucket/out/plot.png"]
 
 
 def test_stage_paths_keep_the_url_protocol():
