@@ -8,7 +8,9 @@ them; --model names the architecture of weights that do not say it, docs/checkpo
 image and caption is embedded, shard by shard, into OUTPUT/embeddings/ (layout:
 storage/embeddings.py); then the image vectors go into a FAISS index, exact below 100k vectors,
 IVF above. Rerunning resumes at the first shard not embedded; after the dataset grew, only its
-new shards are embedded and added. The run is logged to MLflow (stage "index": vectors,
+new shards are embedded and added. OUTPUT is written in place under its lock
+(docs/stage-outputs.md, `mode="in_place"`): an OUTPUT inside the dataset, a second run on it, or
+a folder no index run wrote (without --force) is refused. The run is logged to MLflow (stage "index": vectors,
 images/s) and the index's manifest is kept as an artifact.
 """
 
@@ -29,7 +31,7 @@ from clip_model.embedder import Embedder
 from clip_model.precision import parse_precision
 from clip_model.progress import progress_bar
 from flows import cli
-from storage import open_dataset
+from storage import open_dataset, stage_output
 from storage.embeddings import EmbeddingStore, choose_spec
 from storage.tracking import log_dataset, stage_run
 from tasks.index import IndexResult, build_index, embed_shard, plan_index
@@ -59,11 +61,37 @@ def index(
     device: str = "auto",
     allow_torchscript: bool = False,
     model: str | None = None,
+    force: bool = False,
 ) -> IndexResult:
     """Embed the dataset `data` with the model in `checkpoint` into the index folder `output`."""
-    logger = get_run_logger()
     choose_spec(1, kind=kind)  # refuse an unknown kind before any work
     precision = parse_precision(precision).name  # one name per behaviour: amp_bf16 is bf16
+    # one index run per folder; any index of this stage is resumable state (plan_index refuses
+    # one of another model or dtype), anything else needs --force
+    with stage_output(
+        output, stage="index", inputs=[data, checkpoint], force=force, mode="in_place"
+    ) as out:
+        result = _index(
+            checkpoint, data, output, kind, batch_size, dtype, precision, device,
+            allow_torchscript, model,
+        )  # fmt: skip
+        out.commit()
+    return result
+
+
+def _index(
+    checkpoint: str,
+    data: str,
+    output: str,
+    kind: str,
+    batch_size: int,
+    dtype: str,
+    precision: str,
+    device: str,
+    allow_torchscript: bool,
+    model: str | None,
+) -> IndexResult:
+    logger = get_run_logger()
     clip = load_clip(checkpoint, model=model, allow_torchscript=allow_torchscript)
     dataset = open_dataset(data)
     params = {

@@ -360,7 +360,15 @@ class EmbeddingStore:
         url = join(self.url, entry.file)
         if not exists(url):
             raise IndexFormatError(f"{url}: missing; {INDEX_MANIFEST} lists it (rebuild the index)")
-        index = deserialize_index(_read_bytes(url), entry.spec)
+        data = _read_bytes(url)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry.sha256:  # checked before FAISS parses the bytes
+            raise IndexFormatError(
+                f"{url}: sha256 {digest[:16]}... differs from the {entry.sha256[:16]}... that "
+                f"{INDEX_MANIFEST} records: the file was changed or damaged after it was written; "
+                "rerun the index stage on this folder to rebuild it"
+            )
+        index = deserialize_index(data, entry.spec)
         if index.ntotal != entry.vectors:
             raise IndexFormatError(
                 f"{url}: holds {index.ntotal} vectors, {INDEX_MANIFEST} says {entry.vectors}"

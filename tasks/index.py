@@ -25,6 +25,7 @@ from storage import Dataset, DatasetError, SampleError
 from storage.embeddings import (
     Dtype,
     EmbeddingStore,
+    IndexFormatError,
     IndexManifest,
     ShardEmbeddings,
     build_faiss_index,
@@ -191,7 +192,12 @@ def build_index(
         and all(manifest.shard(n).status == "indexed" for n in old.shards)
     )
     if incremental:
-        index = store.load_index(old)
+        try:
+            index = store.load_index(old)
+        except IndexFormatError as e:  # damaged or missing: the stored embeddings rebuild it
+            logger.warning("%s; rebuilding the index from the stored embeddings", e)
+            incremental = False
+    if incremental:
         new = names[len(old.shards) :]
         if new:
             index.add(store.all_vectors(new))

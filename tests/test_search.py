@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from clip_model.checkpoint import load_clip
 from clip_model.embedder import Embedder
-from storage import DatasetWriter, open_dataset
+from storage import DatasetWriter, open_dataset, stage_output
 from storage.embeddings import EmbeddingStore, choose_spec
 from tasks.search import (
     ModelMismatchError,
@@ -210,9 +210,13 @@ def test_interrupted_run_resumes_at_the_first_shard_not_embedded(
 
     @flow
     def killed_after_first_shard() -> None:
-        manifest = plan_index(dataset, out, clip, "float32")
-        first = embed_shard(dataset, out, manifest.shards[0], Embedder.of(clip, device="cpu"))
-        store.write_manifest(manifest.model_copy(update={"shards": [first, *manifest.shards[1:]]}))
+        # as the index flow does, under the folder's lock and record (the process "dies" here:
+        # the record stays open)
+        with stage_output(out, stage="index", mode="in_place"):
+            manifest = plan_index(dataset, out, clip, "float32")
+            first = embed_shard(dataset, out, manifest.shards[0], Embedder.of(clip, device="cpu"))
+            shards = [first, *manifest.shards[1:]]
+            store.write_manifest(manifest.model_copy(update={"shards": shards}))
 
     killed_after_first_shard()
     assert store.manifest().counts() == {"pending": 2, "embedded": 1, "indexed": 0}

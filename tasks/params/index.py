@@ -35,11 +35,21 @@ class IndexParams(BaseModel):
         description="load a TorchScript checkpoint (OpenAI's .pt releases): it runs the file's code",
     )
 
+    force: bool = Field(
+        False,
+        description="replace whatever OUTPUT holds (files no index run recorded writing)",
+    )
+
     _precision = field_validator("precision")(check_precision)
 
     def check(self) -> None:
-        """The checkpoint exists and the dataset opens; the index is not written into it."""
+        """The checkpoint exists and the dataset opens; the index is neither the dataset, inside
+        it, nor holding it or the checkpoint (after resolving `.`, `..` and symlinks)."""
+        from storage.output import check_not_aliased
+
         check_file(self.checkpoint, "--checkpoint")
         check_dataset(self.data, "--data")
-        if self.output.rstrip("/") == self.data.rstrip("/"):
-            raise ValueError(f"--output {self.output}: is the dataset itself; give another folder")
+        try:
+            check_not_aliased(self.output, [self.data, self.checkpoint])
+        except ValueError as e:
+            raise ValueError(f"--output {e}") from None
