@@ -34,6 +34,7 @@ from flows import cli
 from storage.tracking import stage_run
 from tasks.evaluate import (
     EvaluateResult,
+    claim_output,
     default_output,
     evaluation_key,
     file_sha256,
@@ -103,6 +104,7 @@ def evaluate(
         model_id=clip.model_id,
     )
     output = output or default_output(eval_suite)
+    claim_output(output, [checkpoint, suite, root])
 
     previous = None if force else find_previous(output, key)
     if previous is not None:

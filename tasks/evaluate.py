@@ -12,11 +12,15 @@
 A run is keyed by the sha256 of the checkpoint file, of the suite file and of the tokenizer file,
 the root, the tasks and the precision: the same key finds the earlier result in
 OUTPUT/results.json instead of recomputing it.
+
+OUTPUT collects many evaluations (docs/stage-outputs.md, "Evaluation"): `claim_output` binds it
+to this stage before any work (aliasing and foreign folders refused); each run's folder
+OUTPUT/<key[:12]>/ is staged and swapped in whole; OUTPUT/results.json is changed under OUTPUT's
+lock (tasks/eval_results.py), so concurrent evaluations never lose each other's entries.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import re
@@ -47,11 +51,14 @@ from clip_model.evaluate import (
     run_suite,
 )
 from storage.fs import atomic_write_bytes, sha256_file
+from storage.output import stage_output
+from tasks.eval_results import INDEX_NAME, STAGE, add_entry, claim, read_index
 from tasks.params.evaluate import check_task_data
 
 __all__ = [
     "EvaluateResult",
     "INDEX_NAME",
+    "claim_output",
     "default_output",
     "evaluation_key",
     "find_previous",
@@ -65,9 +72,6 @@ __all__ = [
     "run_evaluation",
     "write_results",
 ]
-
-INDEX_NAME = "results.json"  # OUTPUT/results.json: every run's metrics, keyed by its inputs
-INDEX_FORMAT = "clip-eval-results/1"
 
 
 class EvaluateResult(BaseModel):
@@ -169,23 +173,10 @@ def default_output(suite: EvalSuite) -> str:
 # ---- the results index --------------------------------------------------------------------
 
 
-def _read_index(output: str) -> dict[str, Any]:
-    path = Path(output) / INDEX_NAME
-    if not path.is_file():
-        return {"format": INDEX_FORMAT, "runs": {}}
-    try:
-        index = json.loads(path.read_text("utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not JSON ({error}); move it away to start afresh") from None
-    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{path}: not an evaluation results index ({INDEX_FORMAT})")
-    return index
-
-
 @task(name="find-previous-evaluation", cache_policy=NONE)
 def find_previous(output: str, key: str) -> EvaluateResult | None:
     """The earlier result with this key in OUTPUT/results.json, if its files are still there."""
-    entry = _read_index(output)["runs"].get(key)
+    entry = read_index(output)["runs"].get(key)
     if entry is None:
         return None
     result = EvaluateResult.model_validate(
@@ -203,19 +194,21 @@ def find_previous(output: str, key: str) -> EvaluateResult | None:
     return result
 
 
+@task(name="claim-evaluation-output", cache_policy=NONE)
+def claim_output(output: str, inputs: Sequence[str | None]) -> None:
+    """Bind OUTPUT to this stage before any work (tasks/eval_results.py)."""
+    claim(output, inputs)
+
+
 @task(name="record-evaluation", cache_policy=NONE)
 def record_result(result: EvaluateResult) -> str:
-    """Add `result` to OUTPUT/results.json under its key (paths relative to OUTPUT)."""
+    """Add `result` to OUTPUT/results.json under its key (paths relative to OUTPUT), under
+    OUTPUT's lock (tasks/eval_results.py)."""
     output = Path(result.output)
-    index = _read_index(result.output)
     entry = result.model_dump(exclude={"output", "skipped"})
     entry["results_json"] = str(Path(result.results_json).relative_to(output))
     entry["plots"] = [str(Path(p).relative_to(output)) for p in result.plots]
-    entry["recorded"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    index["runs"][result.key] = entry
-    path = output / INDEX_NAME
-    atomic_write_bytes(str(path), json.dumps(index, indent=2).encode())
-    return str(path)
+    return add_entry(result.output, result.key, entry)
 
 
 # ---- the work -----------------------------------------------------------------------------
@@ -278,9 +271,20 @@ def _file_name(name: str) -> str:
 def write_results(
     results: dict[str, TaskResult], run_dir: str, header: dict[str, Any]
 ) -> tuple[str, list[str]]:
-    """RUN_DIR/results.json (header + every task's full result) and the plots; their paths."""
-    out = Path(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """RUN_DIR/results.json (header + every task's full result) and the plots; their paths.
+
+    Written into a staging folder swapped in whole (the results.json seals it), so a killed run
+    never leaves a RUN_DIR that looks complete; a rerun replaces an earlier RUN_DIR of its key."""
+    identity = {k: v for k, v in header.items() if k != "mlflow_run_id"}
+    with stage_output(
+        run_dir, stage=STAGE, identity=identity, force=True, seal="results.json"
+    ) as out:
+        plots = _write_run(results, Path(out.staging), header)
+        out.commit()
+    return str(Path(run_dir) / "results.json"), [str(Path(run_dir) / Path(p).name) for p in plots]
+
+
+def _write_run(results: dict[str, TaskResult], out: Path, header: dict[str, Any]) -> list[str]:
     plots = []
     for name, r in results.items():
         if r.confusion is not None and r.classnames:
@@ -293,9 +297,8 @@ def write_results(
             path = out / f"retrieval_{_file_name(name)}.png"
             plots.append(str(plot_retrieval_examples(r.examples, path, title=title)))
     document = {**header, "tasks": {name: r.to_dict() for name, r in results.items()}}
-    results_json = out / "results.json"
-    atomic_write_bytes(str(results_json), json.dumps(document, indent=2).encode())
-    return str(results_json), plots
+    atomic_write_bytes(str(out / "results.json"), json.dumps(document, indent=2).encode())
+    return plots
 
 
 # ---- reporting ----------------------------------------------------------------------------

@@ -1,0 +1,62 @@
+"""The evaluate stage's OUTPUT: many evaluations, and OUTPUT/results.json indexing them by key.
+
+Kept apart from tasks/evaluate.py (no torch, no Prefect) so the bookkeeping is cheap to import.
+OUTPUT is bound to the stage before any work (`claim`); an entry is added to results.json by
+reading, changing and atomically replacing it while holding OUTPUT's lock (`add_entry`), so
+evaluations recording at the same moment never lose each other's entries (docs/stage-outputs.md,
+"Evaluation").
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from storage.fs import atomic_write_bytes
+from storage.output import stage_output
+
+__all__ = ["INDEX_FORMAT", "INDEX_NAME", "STAGE", "add_entry", "claim", "read_index"]
+
+INDEX_NAME = "results.json"  # OUTPUT/results.json: every run's metrics, keyed by its inputs
+INDEX_FORMAT = "clip-eval-results/1"
+STAGE = "evaluate"
+# how long an evaluation waits for OUTPUT's lock: others hold it only to add their entry, and a
+# dead holder's lock is broken as stale (storage/lock.py)
+LOCK_WAIT = 300.0
+
+
+def claim(output: str, inputs: Sequence[str | None]) -> None:
+    """Bind OUTPUT to this stage: refused if it is, holds or lies inside an input, or holds
+    anything but evaluations."""
+    with stage_output(
+        output, stage=STAGE, inputs=inputs, mode="in_place", lock_wait=LOCK_WAIT
+    ) as out:
+        out.commit()
+
+
+def read_index(output: str) -> dict[str, Any]:
+    path = Path(output) / INDEX_NAME
+    if not path.is_file():
+        return {"format": INDEX_FORMAT, "runs": {}}
+    try:
+        index = json.loads(path.read_text("utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON ({error}); move it away to start afresh") from None
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{path}: not an evaluation results index ({INDEX_FORMAT})")
+    return index
+
+
+def add_entry(output: str, key: str, entry: dict[str, Any]) -> str:
+    """Record `entry` under `key` in OUTPUT/results.json, under OUTPUT's lock; the file's path."""
+    path = Path(output) / INDEX_NAME
+    with stage_output(output, stage=STAGE, mode="in_place", lock_wait=LOCK_WAIT) as out:
+        index = read_index(output)
+        recorded = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        index["runs"][key] = {**entry, "recorded": recorded}
+        atomic_write_bytes(str(path), json.dumps(index, indent=2).encode())
+        out.commit()
+    return str(path)
