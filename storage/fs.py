@@ -37,8 +37,15 @@ __all__ = [
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for `url` and the path inside it."""
-    return url_to_fs(str(url))
+    """The fsspec filesystem for `url` and the path inside it.
+
+    A remote store is opened without fsspec's listings cache: other processes (img2dataset's
+    workers, the trainer's ranks) write the folders this process lists and waits on, and s3fs and
+    gcsfs would otherwise keep a folder's first listing for good, hiding their files."""
+    url = str(url)
+    if is_local(url):
+        return url_to_fs(url)
+    return url_to_fs(url, use_listings_cache=False)
 
 
 def join(base: str, *names: str) -> str:

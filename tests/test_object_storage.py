@@ -51,6 +51,22 @@ def s3(monkeypatch):
         server.stop()
 
 
+def test_listings_see_what_other_processes_wrote(s3):
+    """img2dataset's workers write the crawl's shards while the flow lists them: a listing cached
+    by this process must never hide them (s3fs caches listings for good by default)."""
+    import s3fs
+
+    from storage.fs import exists, filesystem
+
+    other = s3fs.S3FileSystem(skip_instance_cache=True)  # another process's client
+    other.pipe("bucket/crawl/shards/_tmp/0.feather", b"rows")
+    fs, root = filesystem("s3://bucket/crawl/shards")
+    assert fs.glob(f"{root}/*_stats.json") == []
+    other.pipe("bucket/crawl/shards/00000_stats.json", b"{}")
+    assert fs.glob(f"{root}/*_stats.json") == ["bucket/crawl/shards/00000_stats.json"]
+    assert exists("s3://bucket/crawl/shards/00000_stats.json")
+
+
 def test_local_path_fetches_a_remote_file_once_per_version(s3, tmp_path, monkeypatch):
     from storage.fs import atomic_write_bytes, local_path
 
