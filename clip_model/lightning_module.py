@@ -4,12 +4,16 @@ Optimisation follows the paper and OpenCLIP's defaults: AdamW (beta2 0.98, eps 1
 decay on gains, biases, embeddings and the temperature; a linear warmup then a cosine decay,
 stepped every optimizer step; the learned temperature's logit clamped to ln(100) after each step
 ("clipped to prevent scaling the logits by more than 100", Radford et al. 2021, section 2.5).
-Precision, gradient clipping and accumulation are the Trainer's (`precision="bf16-mixed"`,
-`gradient_clip_val`, `accumulate_grad_batches`).
+Precision and plain accumulation are the Trainer's (`precision="bf16-mixed"`,
+`accumulate_grad_batches`: negatives from the micro-batch only); `accum_freq` is OpenCLIP's
+accumulation, whose loss sees the whole batch (manual optimisation, `_accumulating_step`).
 
-Every optimizer step logs train/loss, train/lr, train/temperature, perf/samples_per_s and
-perf/data_wait_frac (time spent waiting for the next batch / wall time of the step), and rank 0
-appends the same record to `metrics_path` (JSONL): that file is what the resume test compares.
+Every optimizer step logs train/loss, train/lr, train/temperature and train/global_batch, and
+rank 0 appends the same record to `metrics_path` (JSONL): that file is what the resume test
+compares. The step never reads a device tensor on the host (on a GPU that waits for the step to
+finish): each step's loss and temperature stay on the device and are read together every
+`log_every` steps (and before a checkpoint, and at the end), with perf/samples_per_s and
+perf/data_wait_frac (time spent waiting for the next batch / wall time) over that window.
 
 `StepCheckpoint` writes `step-NNNNNNNN.ckpt` every N steps and at the end, atomically (a temporary
 name, then a rename), keeps the last K, and adds every rank's RNG states to Lightning's own
@@ -18,6 +22,7 @@ checkpoint (model, optimizer, scheduler, scaler, loop counters and the DataModul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -85,10 +90,18 @@ class ClipLightningModule(L.LightningModule):
         min_lr_ratio: float = 0.0,
         local_loss: bool = False,
         gather_with_grad: bool = True,
+        accum_freq: int = 1,
+        grad_clip_norm: float | None = None,
         metrics_path: str | None = None,
         print_every: int = 0,
+        log_every: int = 1,
+        fused_adamw: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
+        if accum_freq < 1 or log_every < 1:
+            raise ValueError(f"accum_freq={accum_freq}, log_every={log_every}: must be >= 1")
         config = ModelConfig.load(model)
         # the resolved config goes into the checkpoint: it rebuilds the model without presets
         self.save_hyperparameters(
@@ -102,16 +115,29 @@ class ClipLightningModule(L.LightningModule):
                 "min_lr_ratio": min_lr_ratio,
                 "local_loss": local_loss,
                 "gather_with_grad": gather_with_grad,
+                "accum_freq": accum_freq,
             },
             logger=False,  # train.py logs the whole run config; MLflow params cannot change
         )
         self.model = create_model(config)
+        self.model.check_token_ids = False  # a host read per step (the model's note says why)
+        self.fused_adamw, self.channels_last = fused_adamw, channels_last
+        if channels_last:  # NHWC: what tensor cores' convolutions want (ResNets)
+            self.model.visual.to(memory_format=torch.channels_last)
+        if compile:  # in place: parameter names, hence checkpoints, stay those of the model
+            self.model.compile()
         self.loss_fn = _MeasuredClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)
-        self.metrics_path, self.print_every = metrics_path, print_every
+        self.accum_freq, self.grad_clip_norm = accum_freq, grad_clip_norm
+        # OpenCLIP's accumulation runs its own backward passes (see _accumulating_step); the
+        # Trainer's clipping is not available there, so this module clips (grad_clip_norm)
+        self.automatic_optimization = accum_freq == 1
+        self.metrics_path, self.print_every, self.log_every = metrics_path, print_every, log_every
         self.last_metrics: dict[str, float] = {}
         self._metrics_file = None
         self._t_end: float | None = None  # when the previous batch finished
-        self._t_step: float | None = None  # when the previous optimizer step's batch finished
+        self._t_window: float | None = None  # when the previous metrics window was read
+        self._micro: list[tuple[torch.Tensor, torch.Tensor]] = []  # accum_freq's inputs
+        self._cached: list[tuple[torch.Tensor, torch.Tensor]] = []  # ... and their features
         self._val_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._val_loss = torch.zeros(2)
 
@@ -131,8 +157,9 @@ class ClipLightningModule(L.LightningModule):
             lr=hp.lr,
             betas=tuple(hp.betas),
             eps=hp.eps,
+            fused=self.fused_adamw or None,  # also keeps its step counts on the device
         )
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self._total_steps()
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: cosine_with_warmup(
@@ -144,78 +171,197 @@ class ClipLightningModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
 
+    def _total_steps(self) -> int:
+        """Optimizer steps of the run: the Trainer's count, or with accum_freq (which Lightning
+        does not know of) one step per accum_freq batches, and one for an epoch's remainder."""
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches  # sets the loader up when it needs its length
+        if self.accum_freq > 1 and trainer.max_epochs not in (None, -1):
+            per_epoch = math.ceil(trainer.num_training_batches / self.accum_freq)
+            total = per_epoch * max(trainer.max_epochs, 1)
+            if trainer.max_steps != -1:
+                total = min(total, trainer.max_steps)
+        return int(total)
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
+        # the automatic loop counts this step once the hook has returned
+        self._after_optimizer_step(self.trainer.global_step + 1)
+
+    def _after_optimizer_step(self, step: int) -> None:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        self._end_step(step)
 
     # ---- training ---------------------------------------------------------------------------
 
     def on_train_start(self) -> None:
-        self._logged_step = self.trainer.global_step  # restored on resume
-        self._losses: list[torch.Tensor] = []
+        self._losses: list[torch.Tensor] = []  # this optimizer step's (micro-)batch losses
+        self._window: list[torch.Tensor] = []  # per step, on the device: (loss, logit_scale)
+        self._rows: list[dict[str, Any]] = []  # per step, host values: step, epoch, batch, lr
         self._samples, self._waited = 0, 0.0
+        self._micro, self._cached = [], []
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
         if self._t_end is not None:  # since the previous batch ended: waiting for this one
             self._waited += now - self._t_end
+        # every rank's (micro-)batch: host-side shapes, no device read
+        self._samples += batch["image"].shape[0] * self.trainer.world_size
+        self._position = self._data_position(batch_idx)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        image_features, text_features, logit_scale = self.model(batch["image"], batch["text"])
+    def _data_position(self, batch_idx: int) -> tuple[int, int]:
+        """(epoch, batch) of the batch in hand, from host-side bookkeeping: the DataModule's
+        position (it read the batch's index before the batch went to the device), else the loop's
+        counters. Never the batch's own tensors: on a GPU reading them would wait for the step."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        position = getattr(datamodule, "position", None)
+        if position is not None:
+            return position.epoch, position.batches - 1
+        return self.current_epoch, batch_idx
+
+    def _epoch_ends(self, batch_idx: int) -> bool:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        position = getattr(datamodule, "position", None)
+        if position is not None and hasattr(datamodule, "batches_per_epoch"):
+            return position.batches >= datamodule.batches_per_epoch
+        return batch_idx + 1 >= self.trainer.num_training_batches
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if self.accum_freq > 1:
+            return self._accumulating_step(batch, batch_idx)
+        image_features, text_features, logit_scale = self.model(self._images(batch), batch["text"])
         loss = self.loss_fn(image_features, text_features, logit_scale)
-        self._step_values = {
-            "logit_scale": logit_scale.detach(),
-            "epoch": int(batch["epoch"]) if "epoch" in batch else self.current_epoch,
-            "batch": int(batch["index"]) if "index" in batch else batch_idx,
-        }
         self._losses.append(loss.detach())
+        self._logit_scale = logit_scale.detach()
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        global_batch = self.loss_fn.last_global_batch or batch["image"].shape[0]
-        self._samples += global_batch
-        if self.trainer.global_step == self._logged_step:  # accumulating: no optimizer step yet
-            self._t_end = time.perf_counter()
-            return
-        # one record per optimizer step; with accumulation, over its micro-batches
-        now = time.perf_counter()
-        values = self._step_values
-        metrics = {
-            "train/loss": float(torch.stack(self._losses).mean()),
-            "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
-            "train/temperature": 1.0 / float(values["logit_scale"]),
-            "train/global_batch": float(global_batch),
-        }
-        if self._t_step is not None:  # the first step's wait includes starting the workers
-            step_time = now - self._t_step
-            metrics["perf/samples_per_s"] = self._samples / step_time
-            metrics["perf/data_wait_frac"] = self._waited / step_time
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "corrupt_shards"):
-            metrics["data/corrupt_shards"] = float(len(datamodule.corrupt_shards))
-            metrics["data/bad_samples"] = float(datamodule.bad_samples)
-        self._log(metrics, on_step=True, on_epoch=False, batch_size=batch["image"].shape[0])
-        if self.trainer.is_global_zero:
-            self._record(values, metrics)
-        self._logged_step = self.trainer.global_step
-        self._losses, self._samples, self._waited = [], 0, 0.0
-        self._t_end = self._t_step = time.perf_counter()
+    def _images(self, batch: dict[str, Any]) -> torch.Tensor:
+        images = batch["image"]
+        return (
+            images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        )
 
-    def _log(self, metrics: dict[str, float], **kwargs: Any) -> None:
-        """To Lightning (progress, callbacks) and to the loggers at the step just completed.
+    def _accumulating_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """OpenCLIP's `--accum-freq`: the loss of one optimizer step sees all its micro-batches.
+
+        Each micro-batch is first encoded without a graph and its features kept. On the last one
+        (or an epoch's last batch), each micro-batch in turn is encoded again with a graph and the
+        loss computed over the whole batch: its own fresh features in their place, the kept ones
+        for the others (as negatives, no gradient). Each backward adds the gradient through that
+        micro-batch's features, so their sum is the gradient of the full-batch loss, while only
+        one micro-batch's activations are alive at a time. The temperature's own gradient is
+        taken once (the last pass), not once per micro-batch. Under DDP the first passes
+        accumulate locally (no_sync) and the last one all-reduces.
+        """
+        images, text = self._images(batch), batch["text"]
+        with torch.no_grad():
+            image_features, text_features, _ = self.model(images, text)
+        self._micro.append((images, text))
+        self._cached.append((image_features, text_features))
+        if len(self._micro) < self.accum_freq and not self._epoch_ends(batch_idx):
+            return None
+        micro, cached = self._micro, self._cached
+        self._micro, self._cached = [], []
+        strategy = self.trainer.strategy
+        last = len(micro) - 1
+        for j, (images, text) in enumerate(micro):
+            block_sync = getattr(strategy, "block_backward_sync", None)
+            sync = contextlib.nullcontext() if j == last or block_sync is None else block_sync()
+            with sync:
+                image_j, text_j, logit_scale = self.model(images, text)
+                if j != last:
+                    logit_scale = logit_scale.detach()
+                all_images = torch.cat(
+                    [c[0] for c in cached[:j]] + [image_j] + [c[0] for c in cached[j + 1 :]]
+                )
+                all_texts = torch.cat(
+                    [c[1] for c in cached[:j]] + [text_j] + [c[1] for c in cached[j + 1 :]]
+                )
+                loss = self.loss_fn(all_images, all_texts, logit_scale)
+                self.manual_backward(loss)
+        optimizer = self.optimizers()
+        if self.grad_clip_norm is not None:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm"
+            )
+        self._losses.append(loss.detach())
+        self._logit_scale = logit_scale.detach()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.lr_schedulers().step()
+        self._after_optimizer_step(self.trainer.global_step)  # counted by optimizer.step()
+        return None
+
+    def _end_step(self, step: int) -> None:
+        """Optimizer step `step` done: its values stay on the device until the window is read."""
+        loss = self._losses[0] if len(self._losses) == 1 else torch.stack(self._losses).mean()
+        self._window.append(torch.stack([loss.float(), self._logit_scale.float()]))
+        epoch, batch = self._position
+        self._rows.append(
+            {
+                "step": step,
+                "epoch": epoch,
+                "batch": batch,
+                "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+                "train/global_batch": float(self.loss_fn.last_global_batch),
+            }
+        )
+        self._losses = []
+        if step % self.log_every == 0:
+            self.flush_metrics(to_lightning=True)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._t_end = time.perf_counter()
+
+    def flush_metrics(self, *, to_lightning: bool = False) -> None:
+        """Read the window's per-step values from the device (the one host sync of log_every
+        steps), log each step to the loggers and metrics.jsonl, and the window's throughput."""
+        if not getattr(self, "_rows", None):
+            return
+        values = torch.stack(self._window).tolist()
+        now = time.perf_counter()
+        rows, self._rows, self._window = self._rows, [], []
+        for i, (row, (loss, logit_scale)) in enumerate(zip(rows, values, strict=True)):
+            metrics = {
+                "train/loss": loss,
+                "train/lr": row["train/lr"],
+                "train/temperature": 1.0 / logit_scale,
+                "train/global_batch": row["train/global_batch"],
+            }
+            if i == len(rows) - 1:
+                # the first window's time includes starting the workers: not a throughput
+                if self._t_window is not None:
+                    elapsed = now - self._t_window
+                    metrics["perf/samples_per_s"] = self._samples / elapsed
+                    metrics["perf/data_wait_frac"] = self._waited / elapsed
+                datamodule = getattr(self.trainer, "datamodule", None)
+                if datamodule is not None and hasattr(datamodule, "corrupt_shards"):
+                    metrics["data/corrupt_shards"] = float(len(datamodule.corrupt_shards))
+                    metrics["data/bad_samples"] = float(datamodule.bad_samples)
+                if to_lightning:  # Lightning refuses self.log outside the loop's hooks
+                    self.log_dict(metrics, logger=False, on_step=True, on_epoch=False)
+            self._log(metrics, step=row["step"])
+            if self.trainer.is_global_zero:
+                self._record(row, metrics)
+        self._samples, self._waited = 0, 0.0
+        self._t_window = time.perf_counter()
+
+    def _log(self, metrics: dict[str, float], *, step: int | None = None, **kwargs: Any) -> None:
+        """To the loggers at the step just completed (and to Lightning when `kwargs` say how).
 
         Lightning's own logger step is the count *before* the optimizer step (0-based); MLflow's
         history, metrics.jsonl and checkpoint names all use the optimizer steps taken (1-based).
         """
-        self.log_dict(metrics, logger=False, **kwargs)
+        if kwargs:
+            self.log_dict(metrics, logger=False, **kwargs)
         self.last_metrics.update(metrics)
         for logger in self.loggers:
-            logger.log_metrics(metrics, step=self.trainer.global_step)
+            logger.log_metrics(metrics, step=self.trainer.global_step if step is None else step)
 
-    def _record(self, values: dict[str, Any], metrics: dict[str, float]) -> None:
-        step = self.trainer.global_step
-        record = {"step": step, "epoch": values["epoch"], "batch": values["batch"], **metrics}
+    def _record(self, row: dict[str, Any], metrics: dict[str, float]) -> None:
+        step = row["step"]
+        record = {"step": step, "epoch": row["epoch"], "batch": row["batch"], **metrics}
         if self.metrics_path:
             if self._metrics_file is None:
                 fs, path = filesystem(self.metrics_path)
@@ -229,9 +375,10 @@ class ClipLightningModule(L.LightningModule):
                 for k, v in metrics.items()
                 if not k.startswith("data")
             )
-            print(f"step {step} epoch {values['epoch']} {fields}", flush=True)
+            print(f"step {step} epoch {row['epoch']} {fields}", flush=True)
 
     def on_train_end(self) -> None:
+        self.flush_metrics()
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None
@@ -350,6 +497,9 @@ class StepCheckpoint(Callback):
 
     def save(self, trainer: L.Trainer) -> str:
         step = trainer.global_step
+        flush = getattr(trainer.lightning_module, "flush_metrics", None)
+        if flush is not None:  # metrics.jsonl holds every step the checkpoint has taken
+            flush()
         path = join(self.dirpath, f"step-{step:08d}.ckpt")
         tmp = join(self.dirpath, f".step-{step:08d}.ckpt.tmp")
         states = _rng_states()

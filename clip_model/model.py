@@ -349,6 +349,10 @@ class CLIP(nn.Module):
 
         # "the temperature parameter ... initialized to the equivalent of 0.07"
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # encode_text checks the token ids against the vocabulary: a host read of min/max, which
+        # on a GPU makes the caller wait for the device. Training turns it off (its tokenizer is
+        # the one the vocabulary was fitted to, clip_model/train.py; its step reads nothing).
+        self.check_token_ids = True
         self.init_weights()
         self.set_grad_checkpointing(c.grad_checkpointing)
 
@@ -395,7 +399,7 @@ class CLIP(nn.Module):
             )
         if text.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"text: expected integer token ids, got {text.dtype}")
-        if text.numel() and not torch.compiler.is_compiling():
+        if self.check_token_ids and text.numel() and not torch.compiler.is_compiling():
             low, high = int(text.min()), int(text.max())
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(

@@ -47,6 +47,7 @@ from clip_model.train_config import (
     MLflowConfig,
     TrainConfig,
     check_hardware,
+    device_options,
     load_config,
 )
 
@@ -210,7 +211,8 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
         precision=parse_precision(cfg.precision).lightning,
         max_steps=cfg.max_steps or -1,
         max_epochs=cfg.max_epochs,
-        gradient_clip_val=cfg.grad_clip_norm,
+        # accum_freq optimises by hand (the module clips); the Trainer would refuse to clip
+        gradient_clip_val=cfg.grad_clip_norm if cfg.accum_freq == 1 else None,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
         deterministic=cfg.deterministic,
         callbacks=[checkpoint_cb, *callbacks],
@@ -222,22 +224,29 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
         num_sanity_val_steps=0,
         check_val_every_n_epoch=None,
         val_check_interval=(
-            cfg.val_every_n_steps * cfg.accumulate_grad_batches if cfg.val_every_n_steps else None
+            cfg.val_every_n_steps * cfg.accumulate_grad_batches * cfg.accum_freq
+            if cfg.val_every_n_steps
+            else None
         ),
         use_distributed_sampler=False,
         default_root_dir=cfg.out_dir,
     )
     rank = trainer.global_rank
+    device = trainer.strategy.root_device.type
 
     model_config = ModelConfig.load(cfg.model)
     if cfg.model_overrides or cfg.grad_checkpointing:
         update = {**cfg.model_overrides, "grad_checkpointing": cfg.grad_checkpointing}
         model_config = ModelConfig(**{**model_config.model_dump(), **update})
     tokenizer, tokenizer_ref, model_config = prepare_tokenizer(cfg, dataset, model_config, rank)
+    options = device_options(cfg, device, resnet=not model_config.is_vit)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = options["tf32"]
 
     resolved = cfg.model_dump(mode="json")
     resolved["resolved_model"] = model_config.model_dump(mode="json")
     resolved["tokenizer_file"] = tokenizer_ref
+    resolved["device_options"] = options
     out = cfg.out_dir
     if rank == 0:
         atomic_write_bytes(join(out, "config.yaml"), yaml.safe_dump(resolved).encode())
@@ -286,8 +295,14 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
         min_lr_ratio=cfg.min_lr_ratio,
         local_loss=cfg.local_loss,
         gather_with_grad=cfg.gather_with_grad,
+        accum_freq=cfg.accum_freq,
+        grad_clip_norm=cfg.grad_clip_norm,
         metrics_path=join(out, "metrics.jsonl"),
         print_every=cfg.print_every_n_steps,
+        log_every=cfg.log_every_n_steps or (1 if device == "cpu" else 20),
+        fused_adamw=options["fused_adamw"],
+        channels_last=options["channels_last"],
+        compile=options["compile"],
     )
     if rank == 0:
         print(
@@ -316,7 +331,7 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
         "global_step": trainer.global_step,
         "epoch": datamodule.position.epoch,
         "world_size": trainer.world_size,
-        "global_batch_size": cfg.batch_size * trainer.world_size,
+        "global_batch_size": cfg.batch_size * cfg.accum_freq * trainer.world_size,
         "metrics": dict(module.last_metrics),
         "data": {
             "train_samples": datamodule.train_samples,

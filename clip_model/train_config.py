@@ -26,6 +26,7 @@ __all__ = [
     "OptunaTrialConfig",
     "TrainConfig",
     "check_hardware",
+    "device_options",
     "load_config",
 ]
 
@@ -122,10 +123,27 @@ class TrainConfig(_Strict):
     max_steps: int | None = Field(None, gt=0)
     max_epochs: int | None = Field(None, gt=0)
     grad_clip_norm: float | None = Field(1.0, gt=0)
-    accumulate_grad_batches: int = Field(1, gt=0)
+    accumulate_grad_batches: int = Field(
+        1, gt=0, description="Lightning's plain accumulation: negatives from each micro-batch only"
+    )
+    accum_freq: int = Field(
+        1,
+        gt=0,
+        description="OpenCLIP's accumulation: features of accum_freq micro-batches of batch_size "
+        "cached so the loss sees them all, then each re-encoded with a gradient",
+    )
     local_loss: bool = False
     gather_with_grad: bool = True
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = Field(False, description="recompute activations in backward")
+    # speed options: None is the device's default (device_options)
+    tf32: bool | None = Field(None, description="TF32 matmuls and convolutions; None: on a GPU")
+    fused_adamw: bool | None = Field(None, description="AdamW's fused kernel; None: on a GPU")
+    compile: bool | None = Field(
+        None, description="torch.compile the model (minutes of compiling first); None: on a GPU"
+    )
+    channels_last: bool | None = Field(
+        None, description="NHWC images and weights for a ResNet tower; None: on a GPU"
+    )
     precision: str = Field(
         "32",
         description="32, bf16-mixed, 16-mixed, bf16-true, 16-true, or OpenCLIP's spellings "
@@ -147,6 +165,12 @@ class TrainConfig(_Strict):
         None, description="a checkpoint path, or auto: the newest in checkpoint_dir (if any)"
     )
     print_every_n_steps: int = Field(10, ge=0, description="a progress line every N steps")
+    log_every_n_steps: int | None = Field(
+        None,
+        gt=0,
+        description="read the steps' metrics off the device every N steps (the step's one host "
+        "sync); every step is still logged. None: 1 on a CPU, 20 on a GPU",
+    )
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     eval: EvalConfig | None = Field(None, description="zero-shot evaluation every N steps")
     optuna: OptunaTrialConfig | None = Field(None, description="a sweep's trial: report, prune")
@@ -168,6 +192,12 @@ class TrainConfig(_Strict):
                 f"tokenizer={self.tokenizer!r}: expected auto, openai, bpe or an existing "
                 "tokenizer JSON file"
             )
+        if self.accum_freq > 1 and self.accumulate_grad_batches > 1:
+            raise ValueError(
+                f"accum_freq={self.accum_freq} and accumulate_grad_batches="
+                f"{self.accumulate_grad_batches}: choose one way to accumulate (accum_freq's loss "
+                "sees the whole batch)"
+            )
         if parse_precision(self.precision).name == "fp16" and self.accelerator == "cpu":
             raise ValueError(
                 f"precision={self.precision} (fp16 mixed) needs a GPU; on a CPU use bf16-mixed"
@@ -182,6 +212,23 @@ class TrainConfig(_Strict):
     def world_size(self) -> int | None:
         """Processes of the run, when the config says (None for devices=auto)."""
         return self.devices * self.num_nodes if isinstance(self.devices, int) else None
+
+
+def device_options(cfg: TrainConfig, device: str, *, resnet: bool) -> dict[str, bool]:
+    """The speed options with each None resolved for `device` (a torch device type): on CUDA
+    TF32, fused AdamW and torch.compile are on, and channels_last for a ResNet image tower; on a
+    CPU all are off (compiling costs minutes there, TF32 does not exist)."""
+    cuda = device == "cuda"
+
+    def pick(value: bool | None, default: bool) -> bool:
+        return default if value is None else value
+
+    return {
+        "tf32": pick(cfg.tf32, cuda) and cuda,
+        "fused_adamw": pick(cfg.fused_adamw, cuda),
+        "compile": pick(cfg.compile, cuda),
+        "channels_last": pick(cfg.channels_last, cuda and resnet) and resnet,
+    }
 
 
 def check_hardware(cfg: TrainConfig) -> None:
