@@ -7,7 +7,8 @@
 `image` holds encoded image bytes (JPEG, PNG, ...) or their base64 text (what JSON serving sends),
 decoded by clip_model.images (an image it refuses is a ValueError naming its row, with the
 `reason`); `text` holds strings. Either column may be absent; a missing value gives a None
-embedding. The package's `clip_model` source travels with the model (`code_paths`), so loading
+embedding. The logged model carries this as its signature (both columns optional, the
+embeddings arrays of floats) and an input example (one small PNG and one caption). The package's `clip_model` source travels with the model (`code_paths`), so loading
 it needs neither this repository nor the training run, only torch, Pillow and OpenCV.
 """
 
@@ -23,7 +24,7 @@ import mlflow
 import pandas as pd
 import torch
 
-__all__ = ["ClipEmbedder", "log_pyfunc_model"]
+__all__ = ["ClipEmbedder", "input_example", "log_pyfunc_model", "model_signature"]
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -99,6 +100,40 @@ class ClipEmbedder(mlflow.pyfunc.PythonModel):
         return out
 
 
+def model_signature():
+    """The pyfunc's contract: optional `image` (bytes) and `text` columns in, optional
+    `image_embedding` and `text_embedding` (arrays of floats) out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    inputs = Schema(
+        [
+            ColSpec(DataType.binary, "image", required=False),
+            ColSpec(DataType.string, "text", required=False),
+        ]
+    )
+    outputs = Schema(
+        [
+            ColSpec(Array(DataType.float), "image_embedding", required=False),
+            ColSpec(Array(DataType.float), "text_embedding", required=False),
+        ]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def input_example() -> pd.DataFrame:
+    """One request as a client would send it: a 32x32 PNG (a red disc) and its caption."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (32, 32), (255, 255, 255))
+    ImageDraw.Draw(image).ellipse((6, 6, 26, 26), fill=(220, 20, 20))
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    return pd.DataFrame({"image": [png.getvalue()], "text": ["a red circle"]})
+
+
 def log_pyfunc_model(
     model: torch.nn.Module,
     *,
@@ -108,7 +143,8 @@ def log_pyfunc_model(
 ) -> Any:
     """Log `model` (a clip_model CLIP) to the active MLflow run as a pyfunc; returns ModelInfo.
 
-    `tokenizer`: "openai" or the path of the tokenizer JSON the model was trained with.
+    `tokenizer`: "openai" or the path of the tokenizer JSON the model was trained with. With a
+    `registered_model_name`, the new version gets the alias `@candidate` (storage.tracking).
     """
     from importlib.metadata import version
 
@@ -124,7 +160,7 @@ def log_pyfunc_model(
         if tokenizer != "openai":
             artifacts["tokenizer"] = str(tokenizer)
         torch_version = torch.__version__.split("+")[0]
-        return mlflow.pyfunc.log_model(
+        info = mlflow.pyfunc.log_model(
             name=name,
             python_model=ClipEmbedder(),
             artifacts=artifacts,
@@ -141,5 +177,12 @@ def log_pyfunc_model(
                 "tokenizers",
                 "tqdm",
             ],
+            signature=model_signature(),
+            input_example=input_example(),
             registered_model_name=registered_model_name,
         )
+    if registered_model_name and info.registered_model_version is not None:
+        from storage.tracking import set_candidate
+
+        set_candidate(registered_model_name, info.registered_model_version)
+    return info

@@ -22,13 +22,15 @@ fresh start) or `resume=PATH`. The run writes into `out_dir`: config.yaml (resol
 (when trained on the captions), checkpoints/step-N.ckpt, metrics.jsonl (one line per step, rank 0)
 and, at the end, final_metrics.json (what the `train` Prefect flow returns). With MLflow enabled,
 rank 0 logs the run as a child of `mlflow.parent_run_id` (or a run of `mlflow.experiment`): the
-config as parameters, per-step metrics, the config/tokenizer/final checkpoint as artifacts, and a
-pyfunc model registered as `mlflow.registered_model`.
+config as parameters, per-step metrics, system metrics (`system/...`, every
+`mlflow.system_metrics_interval` s), the config/tokenizer/final checkpoint as artifacts, and a
+pyfunc model registered as `mlflow.registered_model` with the alias @candidate.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -155,8 +157,10 @@ def _mlflow_run(cfg: TrainConfig, tracking_uri: str) -> str:
         experiment_id = parent.info.experiment_id
         tags["mlflow.parentRunId"] = cfg.mlflow.parent_run_id
     else:
+        from storage.tracking import ensure_experiment
+
         mlflow.set_tracking_uri(tracking_uri)
-        experiment_id = mlflow.set_experiment(cfg.mlflow.experiment).experiment_id
+        experiment_id = ensure_experiment(cfg.mlflow.experiment, tracking_uri)
     return client.create_run(experiment_id, tags=tags).info.run_id
 
 
@@ -311,9 +315,15 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
             f"{cfg.batch_size}, resume from {resume_path or 'scratch'}",
             flush=True,
         )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path, weights_only=False)
-    if datamodule.val_samples:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+    monitor = contextlib.nullcontext()
+    if run_id is not None and cfg.mlflow.system_metrics_interval:
+        from storage.tracking import system_metrics
+
+        monitor = system_metrics(run_id, uri, cfg.mlflow.system_metrics_interval)
+    with monitor:  # system/... metrics (CPU, memory, GPU) on the training run, rank 0's machine
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path, weights_only=False)
+        if datamodule.val_samples:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
 
     # what every rank's workers met: distinct corrupt shards, replaced samples
     errors = (sorted(datamodule.corrupt_shards), datamodule.bad_samples)

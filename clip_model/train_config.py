@@ -48,6 +48,19 @@ class MLflowConfig(_Strict):
     run_name: str = "train"
     log_model: bool = Field(True, description="log (and register) the pyfunc model")
     registered_model: str | None = "clip"
+    # the registry's aliases (storage/tracking.py): a new version is @candidate; @champion moves
+    promote: bool = Field(False, description="move @champion to the new version, unconditionally")
+    champion_metric: str | None = Field(
+        None,
+        description="a final metric (val/loss, ...): @champion moves to the new version when it "
+        "beats the champion's",
+    )
+    champion_goal: Literal["minimize", "maximize"] = Field(
+        "minimize", description="whether a lower or a higher champion_metric is better"
+    )
+    system_metrics_interval: float | None = Field(
+        10.0, gt=0, description="seconds between system metrics samples (None: none logged)"
+    )
 
 
 class EvalConfig(_Strict):

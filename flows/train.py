@@ -6,8 +6,10 @@
 
 The flow resolves the config (file, then these options, then `--set key=value`), opens the MLflow
 stage run, and launches `python -m clip_model.train` as a subprocess (torchrun for several
-devices) whose child MLflow run holds the per-step metrics, artifacts and the registered pyfunc
-model. It returns where the checkpoints are and the final metrics.
+devices) whose child MLflow run holds the per-step and system metrics, artifacts and the registered
+pyfunc model (alias @candidate). --promote, or `--set mlflow.champion_metric=val/loss` when the new
+value beats the champion's, moves @champion to it. It returns where the checkpoints are and the
+final metrics.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tasks.params.train import TrainParams
 from tasks.train import (
     TrainResult,
     finished_training,
+    promote_champion,
     record_training,
     resolve_train_config,
     run_training,
@@ -48,6 +51,7 @@ def train(
     accelerator: str | None = None,
     precision: str | None = None,
     registered_model: str | None = None,
+    promote: bool = False,
     settings: list[str] | None = None,
 ) -> TrainResult:
     """Train `model` (default: the config's, else "tiny") on the dataset `data`.
@@ -65,6 +69,7 @@ def train(
         "accelerator": accelerator,
         "precision": precision,
         "mlflow.registered_model": registered_model,
+        "mlflow.promote": promote or None,  # not given: the config's
     }
     if devices and devices > 1:
         options["strategy"] = "ddp"
@@ -74,6 +79,7 @@ def train(
     done = finished_training(cfg, key)
     if done is not None:
         print(f"{cfg.out_dir} already holds this training ({key[:19]}); reusing {done.checkpoint}")
+        promote_champion(cfg, done)
         return done
     with stage_run("train", params=cfg.model_dump(mode="json")) as run:
         log_dataset(dataset, context="input")
@@ -85,6 +91,7 @@ def train(
         mlflow.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("val/")})
         mlflow.log_metric("global_step", result.global_step)
         record_training(cfg, key, result)
+    promote_champion(cfg, result)
     print(
         f"trained {result.global_step} steps ({result.world_size} x batch "
         f"{result.global_batch_size // result.world_size}); checkpoint {result.checkpoint}"

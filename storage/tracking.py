@@ -2,6 +2,11 @@
 
 Local runs need no server: the tracking URI defaults to a SQLite file (docs/design.md, trap 6). A stage
 opened inside another run (the pipeline's parent run) becomes its nested child run.
+
+MLflow 3 (docs/mlflow.md): experiments are created as model-training experiments (the UI opens
+their runs table, not the GenAI view); a registered version gets the alias `@candidate`, and
+`promote` moves `@champion` to it; `models:/name@alias` URIs resolve to a local weights file
+(`fetch_registered_model`); training runs log system metrics (`system_metrics`).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 from mlflow.data.dataset_source import DatasetSource
@@ -19,7 +24,29 @@ from mlflow.data.meta_dataset import MetaDataset
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "clip-pipeline"
 
-__all__ = ["flatten_params", "log_dataset", "stage_run", "tracking_uri"]
+__all__ = [
+    "CANDIDATE",
+    "CHAMPION",
+    "EXPERIMENT_KIND_TAG",
+    "RegisteredModel",
+    "ensure_experiment",
+    "fetch_registered_model",
+    "flatten_params",
+    "is_model_uri",
+    "log_dataset",
+    "promote",
+    "set_candidate",
+    "stage_run",
+    "system_metrics",
+    "tracking_uri",
+]
+
+# MLflow 3's experiment kind: the UI opens a "custom_model_development" experiment in its
+# model-training view (runs table, charts, registry); without the tag it may infer GenAI.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+CANDIDATE = "candidate"  # every newly registered version
+CHAMPION = "champion"  # the version to serve: moved by `promote`
 
 
 def tracking_uri() -> str:
@@ -67,9 +94,8 @@ def stage_run(
     mlflow.set_tracking_uri(tracking_uri())
     parent = mlflow.active_run()
     if parent is None:
-        mlflow.set_experiment(
-            experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
-        )
+        name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+        mlflow.set_experiment(experiment_id=ensure_experiment(name))
     with mlflow.start_run(
         run_name=run_name or stage,
         nested=parent is not None,
@@ -125,3 +151,187 @@ def log_dataset(dataset: Any, *, context: str, name: str | None = None) -> None:
         "producer_stage": dataset.manifest.producer.stage,
     }
     mlflow.log_input(meta, context=context, tags=tags)
+
+
+# ---- MLflow 3: experiment kind, registry aliases, models:/ URIs, system metrics ------------------
+
+
+def ensure_experiment(name: str, uri: str | None = None) -> str:
+    """The id of experiment `name`, created as a model-training experiment (MLflow 3's
+    `mlflow.experimentKind` tag) if new; an existing one without a kind gets the tag too (a kind
+    someone chose in the UI is kept)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri or tracking_uri())
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        except MlflowException:  # another process created it first
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment.experiment_id
+
+
+def set_candidate(name: str, version: str | int, uri: str | None = None) -> None:
+    """Point `@candidate` at a newly registered version (what the next evaluation looks at)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri or tracking_uri()).set_registered_model_alias(name, CANDIDATE, str(version))
+
+
+def promote(
+    name: str,
+    version: str | int,
+    *,
+    metric: str | None = None,
+    value: float | None = None,
+    goal: str = "minimize",
+    force: bool = False,
+    uri: str | None = None,
+) -> bool:
+    """Move `@champion` to `version` when `force` (an explicit flag) or when its `metric` (`value`)
+    beats the current champion's (recorded as the version tag `champion_metric.<metric>`); a
+    model without a champion takes this version. Returns whether the alias moved."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if goal not in ("minimize", "maximize"):
+        raise ValueError(f"goal={goal!r}: expected 'minimize' or 'maximize'")
+    client = MlflowClient(uri or tracking_uri())
+    version = str(version)
+    tag = f"champion_metric.{metric}" if metric else None
+    if tag and value is not None:
+        client.set_model_version_tag(name, version, tag, str(value))
+    if not force:
+        if tag is None or value is None:
+            return False  # nothing to compare: only the explicit flag promotes
+        try:
+            current = client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            current = None  # no champion yet
+        if current is not None:
+            if str(current.version) == version:
+                return False
+            held = current.tags.get(tag)
+            if held is not None:
+                better = value < float(held) if goal == "minimize" else value > float(held)
+                if not better:
+                    return False
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return True
+
+
+def is_model_uri(checkpoint: str) -> bool:
+    return str(checkpoint).startswith("models:/")
+
+
+class RegisteredModel(NamedTuple):
+    """A registry model version fetched to local disk: `weights` is what `load_clip` reads (the
+    pyfunc's {"state_dict", "model_config"} file, its tokenizer.json beside it when trained)."""
+
+    uri: str
+    name: str
+    version: str
+    weights: str
+    run_id: str | None
+    model_id: str | None
+
+
+def fetch_registered_model(uri: str, cache: str | os.PathLike | None = None) -> RegisteredModel:
+    """`models:/name@alias` or `models:/name/version` as a local weights file. Versions never
+    change, so each is downloaded once into the cache (`CLIP_PIPELINE_CACHE`, default
+    ~/.cache/clip-pipeline) under registry/<name>/<version>/."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    spec = uri.removeprefix("models:/")
+    name, sep, ref = spec.partition("@") if "@" in spec else spec.partition("/")
+    if not name or not sep or not ref or "/" in ref:
+        raise ValueError(
+            f"{uri}: expected models:/NAME@ALIAS (e.g. models:/clip-tiny@champion) "
+            "or models:/NAME/VERSION"
+        )
+    client = MlflowClient(tracking_uri())
+    try:
+        if sep == "@":
+            mv = client.get_model_version_by_alias(name, ref)
+        else:
+            mv = client.get_model_version(name, ref)
+    except MlflowException as error:
+        raise ValueError(
+            f"{uri}: not in the registry at {tracking_uri()} ({error.message})"
+        ) from None
+    root = Path(
+        cache or os.environ.get("CLIP_PIPELINE_CACHE") or Path.home() / ".cache/clip-pipeline"
+    )
+    folder = root / "registry" / name / str(mv.version)
+    weights = folder / "artifacts" / "weights.pt"
+    if not weights.is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=folder.parent))
+        try:
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{mv.version}",
+                dst_path=str(staging),
+                tracking_uri=tracking_uri(),
+            )
+            if not (staging / "artifacts" / "weights.pt").is_file():
+                raise ValueError(f"{uri}: version {mv.version} is not a clip_model pyfunc model")
+            shutil.rmtree(folder, ignore_errors=True)
+            staging.rename(folder)  # whole or not at all
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return RegisteredModel(
+        uri=uri,
+        name=name,
+        version=str(mv.version),
+        weights=str(weights),
+        run_id=mv.run_id,
+        model_id=_logged_model_id(mv),
+    )
+
+
+def _logged_model_id(mv: Any) -> str | None:
+    """The MLflow 3 logged model (`m-...`) a registry version was made from: the version's
+    `model_id`, which a SQLite store leaves empty, else its `models:/m-...` source."""
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    source = str(mv.source or "")
+    if source.startswith("models:/m-"):
+        return source.removeprefix("models:/").split("/", 1)[0]
+    return None
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str | None, uri: str | None = None, interval: float = 10.0):
+    """CPU, memory, disk, network (and GPU when pynvml is there) sampled every `interval` s into
+    the run's `system/...` metrics while the block runs (MLflow's SystemMetricsMonitor; the
+    training run is not started with mlflow.start_run, so its switch does not apply)."""
+    if run_id is None:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=interval, tracking_uri=uri or tracking_uri()
+    )
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+        # the monitor logs once per interval and stops when the run ends: a run shorter than one
+        # interval would show no system metrics at all, so one closing sample is always logged
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()

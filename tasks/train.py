@@ -30,6 +30,7 @@ __all__ = [
     "record_training",
     "training_key",
     "launch_command",
+    "promote_champion",
     "resolve_train_config",
     "run_training",
     "write_train_config",
@@ -57,12 +58,21 @@ class TrainResult(BaseModel):
 DONE_FILE = "train_done.json"
 
 
+# MLflow settings that change where and how a run is tracked, never what it trains
+_UNTRAINED = {
+    "parent_run_id",
+    "tracking_uri",
+    "promote",
+    "champion_metric",
+    "champion_goal",
+    "system_metrics_interval",
+}
+
+
 def training_key(cfg: TrainConfig, data_digest: str) -> str:
     """What decides a training run's result: the resolved config (less where it is tracked and
     how it resumes) and the input dataset's manifest digest. Not wall time, not paths of logs."""
-    spec = cfg.model_dump(
-        mode="json", exclude={"resume": True, "mlflow": {"parent_run_id", "tracking_uri"}}
-    )
+    spec = cfg.model_dump(mode="json", exclude={"resume": True, "mlflow": _UNTRAINED})
     blob = json.dumps({"config": spec, "data": data_digest}, sort_keys=True, default=str)
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
@@ -83,6 +93,41 @@ def finished_training(cfg: TrainConfig, key: str) -> TrainResult | None:
     ):
         return None
     return result.model_copy(update={"skipped": True})
+
+
+@task(name="promote-champion")
+def promote_champion(cfg: TrainConfig, result: TrainResult) -> bool:
+    """Move the registry's @champion to this run's version: `mlflow.promote` (--promote) does it
+    unconditionally; `mlflow.champion_metric` when this run's final value beats the champion's.
+    Also for a reused run: --promote on a rerun promotes the version it registered then."""
+    from storage.tracking import promote
+
+    logger = get_run_logger()
+    name, version = result.registered_model, result.registered_version
+    wanted = cfg.mlflow.promote or cfg.mlflow.champion_metric
+    if not wanted or not name or version is None:
+        if cfg.mlflow.promote:
+            logger.warning("--promote: no model version was registered (mlflow.log_model off?)")
+        return False
+    metric = cfg.mlflow.champion_metric
+    value = result.metrics.get(metric) if metric else None
+    if metric and value is None:
+        logger.warning(
+            "mlflow.champion_metric=%s: the run has no such final metric (it has %s)",
+            metric,
+            ", ".join(sorted(result.metrics)),
+        )
+    moved = promote(
+        name,
+        version,
+        metric=metric,
+        value=value,
+        goal=cfg.mlflow.champion_goal,
+        force=cfg.mlflow.promote,
+        uri=cfg.mlflow.tracking_uri,
+    )
+    logger.info("models:/%s@champion %s version %s", name, "->" if moved else "stays; not", version)
+    return moved
 
 
 @task(name="record-finished-training")

@@ -23,6 +23,7 @@ OPTION_FIELDS = {
     "accelerator": "accelerator",
     "precision": "precision",
     "registered_model": "mlflow.registered_model",
+    "promote": "mlflow.promote",
 }
 FLAGS = {"out_dir": "--out"}
 
@@ -32,7 +33,7 @@ def option_overrides(options: dict[str, Any]) -> list[Override]:
     flag in messages (`--max-steps 0: max_steps: ...`). Several devices mean DDP."""
     items = []
     for name, value in options.items():
-        if value is None:
+        if value is None or (name == "promote" and not value):  # no flag: the config's
             continue
         flag = FLAGS.get(name, "--" + name.replace("_", "-"))
         items.append(Override(OPTION_FIELDS.get(name, name), value, f"{flag} {value}"))
@@ -74,6 +75,11 @@ class TrainParams(BaseModel):
         + precision_help(),
     )
     registered_model: str | None = Field(None, description="MLflow model registry name")
+    promote: bool = Field(
+        False,
+        description="move the registry alias @champion to the new version (else only when "
+        "mlflow.champion_metric improves)",
+    )
     settings: list[str] | None = Field(
         None,
         description="any other TrainConfig field, dotted for nested (a YAML value; repeatable)",
