@@ -615,10 +615,17 @@ class ClipDataModule(L.LightningDataModule):
         changed = [
             f"{k}: {state[k]} -> {now[k]}" for k in keys if k in state and state[k] != now[k]
         ]
+        epoch, batches = state["epoch"], state["batches"]
+        trained = batches * state.get("world_size", 1) * state.get("batch_size", self.batch_size)
+        if "world_size" in state and trained != batches * self.global_batch_size:
+            # the position is what the run has trained on, in samples: another world size or
+            # batch size continues after as many samples of the epoch, not as many batches
+            batches = trained // self.global_batch_size
+            changed.append(f"position: {trained} samples into epoch {epoch} = batch {batches}")
         if changed:
             warnings.warn(
                 "resuming with a different data setup, so the data order will not match the "
                 f"interrupted run's ({'; '.join(changed)})",
                 stacklevel=2,
             )
-        self.position = DataPosition(state["epoch"], state["batches"])
+        self.position = DataPosition(epoch, batches)

@@ -28,6 +28,7 @@ import math
 import os
 import random
 import re
+import shutil
 import time
 import warnings
 from typing import Any
@@ -427,6 +428,7 @@ class ClipLightningModule(L.LightningModule):
 # ---- checkpoints ------------------------------------------------------------------------------
 
 _STEP_RE = re.compile(r"^step-(\d+)\.ckpt$")
+LAST = "last.ckpt"  # the newest step file's twin
 
 
 def _checkpoints(directory: str) -> list[tuple[int, str]]:
@@ -467,6 +469,28 @@ def _set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _point_last_at(path: str) -> None:
+    """`last.ckpt` beside the step files, always the newest (a stable path for evaluation and
+    deployments); replaced in one rename, a hard link where the filesystem has them."""
+    directory = path.rsplit("/", 1)[0]
+    fs, src = filesystem(path)
+    tmp, last = (
+        filesystem(join(directory, ".last.ckpt.tmp"))[1],
+        filesystem(join(directory, LAST))[1],
+    )
+    if fs.__class__.__name__ == "LocalFileSystem":
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, last)
+    else:
+        fs.copy(src, tmp)
+        fs.mv(tmp, last)
 
 
 class StepCheckpoint(Callback):
@@ -519,6 +543,7 @@ class StepCheckpoint(Callback):
                 os.replace(tmp_path, final_path)  # atomic on POSIX
             else:
                 fs.mv(tmp_path, final_path)
+            _point_last_at(path)
             for _, old in _checkpoints(self.dirpath)[: -self.keep_last]:
                 fs.rm(filesystem(old)[1])
         trainer.strategy.barrier("StepCheckpoint.save")

@@ -32,6 +32,7 @@ from tasks.train import (
     promote_champion,
     record_training,
     resolve_train_config,
+    resume_unfinished,
     run_training,
     training_key,
     write_train_config,
@@ -81,6 +82,7 @@ def train(
         print(f"{cfg.out_dir} already holds this training ({key[:19]}); reusing {done.checkpoint}")
         promote_champion(cfg, done)
         return done
+    cfg = resume_unfinished(cfg, key)
     with stage_run("train", params=cfg.model_dump(mode="json")) as run:
         log_dataset(dataset, context="input")
         tracking = cfg.mlflow.model_copy(

@@ -28,6 +28,7 @@ __all__ = [
     "TrainResult",
     "finished_training",
     "record_training",
+    "resume_unfinished",
     "training_key",
     "launch_command",
     "promote_champion",
@@ -52,10 +53,12 @@ class TrainResult(BaseModel):
     model_uri: str | None = None
     registered_model: str | None = None
     registered_version: int | None = None
+    resumed_from: str | None = None  # the checkpoint this run continued, if any
     skipped: bool = False  # True: an earlier run with the same config and data, reused
 
 
 DONE_FILE = "train_done.json"
+STARTED_FILE = "train_started.json"  # the key of the training this out_dir holds, from its start
 
 
 # MLflow settings that change where and how a run is tracked, never what it trains
@@ -137,6 +140,28 @@ def record_training(cfg: TrainConfig, key: str, result: TrainResult) -> None:
     atomic_write_bytes(join(cfg.out_dir, DONE_FILE), json.dumps(record, indent=2).encode())
 
 
+@task(name="resume-unfinished-training")
+def resume_unfinished(cfg: TrainConfig, key: str) -> TrainConfig:
+    """`cfg`, resuming from the newest checkpoint when `out_dir` holds an unfinished run of this
+    very training (same key: config less `resume`, and data); then marks `out_dir` as this
+    training's. A rerun after a crash or preemption thus continues, never restarts from step 0.
+
+    Checkpoints of another training (another key, or none recorded) are left for the trainer to
+    refuse (it names them and `resume=auto`): they are never silently continued or pruned.
+    """
+    from clip_model.lightning_module import latest_checkpoint
+
+    started = join(cfg.out_dir, STARTED_FILE)
+    fs, path = filesystem(started)
+    ours = fs.exists(path) and json.loads(fs.cat_file(path)).get("key") == key
+    if cfg.resume is None and ours and latest_checkpoint(cfg.checkpoints) is not None:
+        get_run_logger().info("resuming the unfinished training in %s", cfg.checkpoints)
+        cfg = cfg.model_copy(update={"resume": "auto"})
+    if not ours and latest_checkpoint(cfg.checkpoints) is None:
+        atomic_write_bytes(started, json.dumps({"key": key}).encode())
+    return cfg
+
+
 @task(name="resolve-train-config")
 def resolve_train_config(
     config: str | None, overrides: dict[str, Any], extra: list[str] | tuple = ()
@@ -216,4 +241,5 @@ def run_training(cfg: TrainConfig, config_path: str) -> TrainResult:
         model_uri=tracked.get("model_uri"),
         registered_model=tracked.get("registered_model"),
         registered_version=tracked.get("registered_version"),
+        resumed_from=report.get("resumed_from"),
     )

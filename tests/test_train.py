@@ -362,9 +362,12 @@ def test_train_flow_runs_two_cpu_ranks_under_torchrun_and_registers_a_pyfunc(
     assert result.metrics["train/global_batch"] == 32
     assert Path(result.checkpoint).name == "step-00000004.ckpt"
     assert sorted(p.name for p in Path(result.checkpoint_dir).glob("*.ckpt")) == [
+        "last.ckpt",
         "step-00000002.ckpt",
         "step-00000004.ckpt",
     ]
+    last = Path(result.checkpoint_dir, "last.ckpt")
+    assert last.read_bytes() == Path(result.checkpoint).read_bytes()  # the newest's twin
 
     client = MlflowClient(mlflow_tmp)
     child = client.get_run(result.mlflow_run_id)

@@ -163,7 +163,10 @@ class PipelineConfig(_Section):
     ) -> list[Override]:
         """`train_items` as Overrides; `origins` maps a settings key to what to blame for it (the
         `--set` item that gave it), else the profile's `train.settings` is named."""
-        section = json.dumps([self.train.model_dump(mode="json"), data_digest], sort_keys=True)
+        # `resume` says how to continue a run, not which run it is: not part of the folder's name
+        identity = self.train.model_dump(mode="json")
+        identity["settings"] = {k: v for k, v in identity["settings"].items() if k != "resume"}
+        section = json.dumps([identity, data_digest], sort_keys=True)
         run = "run-" + hashlib.sha256(section.encode()).hexdigest()[:12]
         origins = origins or {}
         items = [
