@@ -48,12 +48,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clip_model.images import decode_image
 from clip_model.shard_plan import Piece, ShardRef, deal
+from clip_model.transforms import normalize
 from storage import Dataset, DatasetError, ShardReadError, open_dataset
 from storage.fs import filesystem
 
 __all__ = ["ClipDataModule", "DataPosition", "is_validation_key"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+PREFETCH_FACTOR = 4  # batches each training worker keeps ready (in shared memory)
 
 
 # ---- small pure helpers ---------------------------------------------------------------------
@@ -120,6 +122,23 @@ def _read_shard(shard: ShardRef, errors: _ErrorLog) -> Iterator[dict[str, Any]]:
         return
     if count < shard.num_samples:  # tarfile stops quietly at a garbled header mid-file
         errors.shard(shard, f"{count} of the {shard.num_samples} samples its manifest lists")
+
+
+def _piece(piece: Piece, errors: _ErrorLog, member: Callable[[str], bool]) -> Iterator[dict]:
+    """The samples of one piece of a split (`member(key)`: in the split), counted in tar order."""
+    index = 0
+    for sample in _read_shard(piece.shard, errors):
+        if index >= piece.stop:
+            return  # the rest of the tar is another slot's
+        if not member(sample["__key__"]):
+            continue
+        index += 1
+        if index <= piece.first:
+            continue  # undecoded: skipping costs only the tar read
+        if not any(e in sample for e in IMAGE_EXTS):
+            errors.sample(sample, "no image in the sample")
+            continue
+        yield sample
 
 
 # ---- the streams ------------------------------------------------------------------------------
@@ -189,7 +208,8 @@ def _caption(sample: dict[str, Any]) -> str:
 class TrainStream(IterableDataset):
     """`batches_per_epoch` batches of `batch_size` on this rank, whatever the shard sizes.
 
-    `epoch` and `start_batch` are set by the DataLoader before each pass (see ClipDataModule).
+    `epoch` and `start_batch` are set by the DataLoader before each pass (see ClipDataModule);
+    they live in shared memory, so persistent workers see each new pass's values.
     """
 
     def __init__(
@@ -214,7 +234,23 @@ class TrainStream(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
         self.val_fraction = val_fraction
-        self.epoch, self.start_batch = 0, 0
+        self._pass = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, start_batch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._pass[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._pass[0] = value
+
+    @property
+    def start_batch(self) -> int:
+        return int(self._pass[1])
+
+    @start_batch.setter
+    def start_batch(self, value: int) -> None:
+        self._pass[1] = value
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -265,27 +301,15 @@ class TrainStream(IterableDataset):
         ]
         return deal(order, needs)
 
-    def _piece(self, piece: Piece, errors: _ErrorLog) -> Iterator[dict]:
-        index = 0  # training samples of the shard so far, in tar order
-        for sample in _read_shard(piece.shard, errors):
-            if index >= piece.stop:
-                return  # the rest of the tar is another slot's
-            if is_validation_key(sample["__key__"], self.val_fraction):
-                continue
-            index += 1
-            if index <= piece.first:
-                continue  # undecoded: skipping costs only the tar read
-            if not any(e in sample for e in IMAGE_EXTS):
-                errors.sample(sample, "no image in the sample")
-                continue
-            yield sample
+    def _is_training(self, key: str) -> bool:
+        return not is_validation_key(key, self.val_fraction)
 
     def _raw_samples(self, slot: int, workers: int, errors: _ErrorLog) -> Iterator[dict]:
         """The slot's own range of the epoch, shuffled; then, only if some of it was unreadable
         (a corrupt shard, a sample without an image), samples from the whole epoch order so
         the batch count holds (those few are repeats)."""
         pieces = self.plan(workers)[slot]
-        own = (sample for piece in pieces for sample in self._piece(piece, errors))
+        own = (s for piece in pieces for s in _piece(piece, errors, self._is_training))
         if self.shuffle_buffer > 1:
             rng = random.Random(_seed(self.seed, self.epoch, slot, "buffer"))
             # a finite stream: the buffer drains at its end, before any fallback sample enters
@@ -337,7 +361,10 @@ class TrainStream(IterableDataset):
 
 
 class ValStream(IterableDataset):
-    """This rank's share of the validation samples, padded so every rank has as many batches."""
+    """The validation samples, each read once, in parallel: cut into one range per (rank, worker)
+    slot (clip_model/shard_plan.py), so no process scans what is not its own. Every slot yields
+    as many batches, padded (`valid` False), so every rank has as many and DDP never waits.
+    """
 
     def __init__(
         self,
@@ -348,48 +375,54 @@ class ValStream(IterableDataset):
         num_samples: int,
         rank: int = 0,
         world_size: int = 1,
+        workers: int = 0,
         val_fraction: float | None = None,
     ):
         super().__init__()
         self.shards, self.preprocess, self.batch_size = shards, preprocess, batch_size
         self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+        self.workers = max(1, workers)  # the DataLoader's worker processes (0: the main one)
         self.val_fraction = val_fraction  # None: every sample of `shards` is validation data
-        self.per_rank = math.ceil(num_samples / world_size)
+        self.slots = world_size * self.workers
+        self.slot_batches = math.ceil(math.ceil(num_samples / self.slots) / batch_size)
 
     def __len__(self) -> int:
-        return math.ceil(self.per_rank / self.batch_size)
+        return self.slot_batches * self.workers
 
-    def _mine(self, errors: _ErrorLog) -> Iterator[dict]:
-        index = 0
-        for shard in self.shards:
-            for sample in _read_shard(shard, errors):
-                if index >= self.num_samples:
-                    return
-                if self.val_fraction is not None and not is_validation_key(
-                    sample["__key__"], self.val_fraction
-                ):
-                    continue
-                if index % self.world_size == self.rank:
-                    yield sample
-                index += 1
+    def _is_validation(self, key: str) -> bool:
+        return self.val_fraction is None or is_validation_key(key, self.val_fraction)
+
+    def plan(self) -> list[list[Piece]]:
+        """The first `num_samples` validation samples in shard order, slot after slot."""
+        n, slots = self.num_samples, self.slots
+        return deal(self.shards, [n // slots + (s < n % slots) for s in range(slots)])
+
+    def _any_sample(self, errors: _ErrorLog) -> list[dict]:
+        """Padding for a slot with no sample of its own (fewer samples than slots)."""
+        for sample in _piece(deal(self.shards, [1])[0][0], errors, self._is_validation):
+            return [sample]
+        raise DatasetError("validation split yielded no readable sample")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        if workers != self.workers:
+            raise RuntimeError(f"ValStream planned for {self.workers} workers, runs in {workers}")
         errors = _ErrorLog()
-        samples = self._mine(errors)
-        produced, last = 0, None
-        for _ in range(len(self)):
-            raw = list(islice(samples, min(self.batch_size, self.per_rank - produced)))
-            valid = torch.ones(self.batch_size, dtype=torch.bool)
-            if len(raw) < self.batch_size:  # pad (short data or the rank's last batch)
-                pad = raw[-1:] or last or []
-                if not pad:
-                    raise DatasetError("validation split yielded no readable sample")
-                valid[len(raw) :] = False
-                raw = raw + pad * (self.batch_size - len(raw))
-            produced += int(valid.sum())
+        pieces = self.plan()[self.rank * workers + worker]
+        samples = (s for piece in pieces for s in _piece(piece, errors, self._is_validation))
+        b, last = self.batch_size, None
+        for _ in range(self.slot_batches):
+            raw = list(islice(samples, b))
+            valid = torch.zeros(b, dtype=torch.bool)
+            valid[: len(raw)] = True
+            if len(raw) < b:  # pad (the slot's last batch, or short data)
+                pad = raw[-1:] or last or self._any_sample(errors)
+                raw = raw + pad * (b - len(raw))
             last = raw[-1:]
-            batch = self.preprocess.batch(raw, [None] * len(raw), errors)
+            batch = self.preprocess.batch(raw, [None] * b, errors)
             batch["valid"] = valid
+            batch["keys"] = [sample.get("__key__") for sample in raw]
             yield batch
 
 
@@ -458,7 +491,9 @@ class ClipDataModule(L.LightningDataModule):
         self.position = DataPosition()
         self.corrupt_shards: set[str] = set()  # seen by this rank's workers
         self._bad_samples: dict[tuple[int, int], int] = {}  # (epoch, role) -> cumulative count
-        self._train_per_shard: dict[str, int] = {}  # shard -> training samples, when held out
+        # shard -> samples of each split, when the validation split is held out by key
+        self._train_per_shard: dict[str, int] = {}
+        self._val_per_shard: dict[str, int] = {}
         self.train_samples, self.val_samples = self._count_samples()
 
     # -- sizes from the manifest (and Parquet keys when a split is held out) --
@@ -472,15 +507,18 @@ class ClipDataModule(L.LightningDataModule):
         if self.val_fraction == 0:
             return total, 0
         table = self.dataset.metadata(columns=["key", "status"], with_shard=True)
-        n_val = 0
         columns = (table[c].to_pylist() for c in ("key", "status", "shard"))
         for key, status, shard in zip(*columns, strict=True):
             if status != "success":
                 continue
-            if is_validation_key(key, self.val_fraction):
-                n_val += 1
-            else:  # per shard: what lets the epoch plan cut shards at exact sample counts
-                self._train_per_shard[shard] = self._train_per_shard.get(shard, 0) + 1
+            # per shard: what lets the plans cut shards at exact sample counts
+            split = (
+                self._val_per_shard
+                if is_validation_key(key, self.val_fraction)
+                else self._train_per_shard
+            )
+            split[shard] = split.get(shard, 0) + 1
+        n_val = sum(self._val_per_shard.values())
         return sum(self._train_per_shard.values()), min(n_val, self.val_max_samples)
 
     @property
@@ -509,14 +547,14 @@ class ClipDataModule(L.LightningDataModule):
             )
         return n
 
-    def _shards(self, dataset: Dataset) -> list[ShardRef]:
-        held_out = dataset is self.dataset and self.val_fraction > 0
+    def _shards(self, dataset: Dataset, split: dict[str, int] | None = None) -> list[ShardRef]:
+        """The dataset's shards; `split`: how many samples of each belong to the split read."""
         return [
             ShardRef(
                 url,
                 entry.name,
                 entry.num_samples,
-                self._train_per_shard.get(entry.name, 0) if held_out else -1,
+                -1 if split is None else split.get(entry.name, 0),
             )
             for url, entry in zip(dataset.tar_urls(), dataset.manifest.shards, strict=True)
             if entry.num_samples > 0
@@ -526,7 +564,7 @@ class ClipDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         stream = TrainStream(
-            self._shards(self.dataset),
+            self._shards(self.dataset, self._train_per_shard if self.val_fraction else None),
             _Preprocess(self.train_transform, self.tokenizer, self.image_size),
             batch_size=self.batch_size,
             batches_per_epoch=self.batches_per_epoch,
@@ -542,28 +580,36 @@ class ClipDataModule(L.LightningDataModule):
             self,
             num_workers=self.workers,
             pin_memory=self.pin_memory,
-            prefetch_factor=4 if self.workers else None,
-            # workers are forked per pass so they see the pass's (epoch, start); the loader's
-            # own generator keeps its base-seed draw off the global RNG the model uses
-            persistent_workers=False,
+            prefetch_factor=PREFETCH_FACTOR if self.workers else None,
+            # workers persist across passes: each pass's (epoch, start) reaches them through
+            # the stream's shared memory; the loader's own generator keeps its base-seed draw
+            # off the global RNG the model uses
+            persistent_workers=self.workers > 0,
             generator=torch.Generator().manual_seed(self.seed),
         )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_samples == 0:
             return []
-        source = self.val_dataset or self.dataset
+        own = self.val_dataset is not None  # else held out of the training shards by key
         stream = ValStream(
-            self._shards(source),
+            self._shards(self.val_dataset)
+            if own
+            else self._shards(self.dataset, self._val_per_shard),
             _Preprocess(self.val_transform, self.tokenizer, self.image_size),
             batch_size=self.val_batch_size,
             num_samples=self.val_samples,
             rank=self.rank,
             world_size=self.world_size,
-            val_fraction=None if self.val_dataset is not None else self.val_fraction,
+            workers=self.workers,
+            val_fraction=None if own else self.val_fraction,
         )
         return DataLoader(
-            stream, batch_size=None, num_workers=min(1, self.workers), pin_memory=self.pin_memory
+            stream,
+            batch_size=None,
+            num_workers=self.workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.workers > 0,  # the split is fixed: no pass-dependent state
         )
 
     # -- position bookkeeping (what makes resume exact) --
@@ -576,6 +622,14 @@ class ClipDataModule(L.LightningDataModule):
             position = DataPosition(position.epoch + 1, 0)
         self.position = position
         return position.epoch, position.batches
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 images (the lean transfer: a quarter of float32's bytes through shared and
+        pinned memory) are normalised here, on the device."""
+        if isinstance(batch, dict) and batch.get("image") is not None:
+            if batch["image"].dtype == torch.uint8:
+                batch["image"] = normalize(batch["image"])
+        return batch
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer

@@ -22,16 +22,16 @@ class ShardRef:
     url: str
     name: str
     num_samples: int  # in the tar (the manifest's count)
-    train_samples: int = -1  # of those, training samples (not held out); -1: all of them
+    split_samples: int = -1  # of those, the split's (training or held-out ones); -1: all of them
 
     @property
-    def trainable(self) -> int:
-        return self.num_samples if self.train_samples < 0 else self.train_samples
+    def in_split(self) -> int:
+        return self.num_samples if self.split_samples < 0 else self.split_samples
 
 
 @dataclass(frozen=True)
 class Piece:
-    """Training samples `first <= i < stop` of `shard`, counted in tar order (held-out skipped)."""
+    """The split's samples `first <= i < stop` of `shard`, counted in tar order (others skipped)."""
 
     shard: ShardRef
     first: int
@@ -39,8 +39,8 @@ class Piece:
 
 
 def deal(order: Sequence[ShardRef], needs: Sequence[int]) -> list[list[Piece]]:
-    """Slot s's pieces: the next `needs[s]` training samples of `order`, slot after slot."""
-    total = sum(s.trainable for s in order)
+    """Slot s's pieces: the next `needs[s]` samples of the split in `order`, slot after slot."""
+    total = sum(s.in_split for s in order)
     if sum(needs) > total:
         raise ValueError(f"the slots need {sum(needs)} samples, the shards hold {total}")
     plans: list[list[Piece]] = []
@@ -49,10 +49,10 @@ def deal(order: Sequence[ShardRef], needs: Sequence[int]) -> list[list[Piece]]:
     for need in needs:
         pieces: list[Piece] = []
         while need > 0:
-            if shard is None or offset >= shard.trainable:
+            if shard is None or offset >= shard.in_split:
                 shard, offset = next(shards), 0
                 continue
-            take = min(need, shard.trainable - offset)
+            take = min(need, shard.in_split - offset)
             pieces.append(Piece(shard, offset, offset + take))
             offset += take
             need -= take

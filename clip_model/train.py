@@ -18,8 +18,9 @@ Lightning reads SLURM_* itself: one task per GPU, `--ntasks-per-node` = devices)
         python -m clip_model.train --config cfg.yaml devices=8 num_nodes=4
 
 Resume after a crash or preemption: `resume=auto` (the newest checkpoint in checkpoint_dir, or a
-fresh start) or `resume=PATH`. The run writes into `out_dir`: config.yaml (resolved), tokenizer.json
-(when trained on the captions), checkpoints/step-N.ckpt, metrics.jsonl (one line per step, rank 0)
+fresh start) or `resume=PATH` (the `train` flow passes auto itself when its run died). The run
+writes into `out_dir`: config.yaml (resolved), tokenizer.json (when trained on the captions),
+checkpoints/step-N.ckpt and last.ckpt (the newest), metrics.jsonl (one line per step, rank 0)
 and, at the end, final_metrics.json (what the `train` Prefect flow returns). With MLflow enabled,
 rank 0 logs the run as a child of `mlflow.parent_run_id` (or a run of `mlflow.experiment`): the
 config as parameters, per-step metrics, system metrics (`system/...`, every
@@ -89,6 +90,17 @@ def _resolve_resume(cfg: TrainConfig) -> str | None:
             f"{cfg.checkpoints} if there is one)"
         )
     return cfg.resume
+
+
+def validation_data(cfg: TrainConfig) -> str | None:
+    """`val_data`, else the split curation writes beside the training shards (`<data>/val`)
+    when it is there, else None (then `val_fraction` holds samples out of `data` by key)."""
+    from storage.fs import exists, join
+
+    if cfg.val_data:
+        return cfg.val_data
+    beside = join(cfg.data, "val")
+    return beside if exists(join(beside, "manifest.json")) else None
 
 
 def _wait_for(path: Path, what: str, timeout: float = 1800) -> None:
@@ -174,8 +186,9 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
     import torch.distributed as dist
 
     from clip_model.config import ModelConfig
-    from clip_model.datamodule import ClipDataModule
+    from clip_model.datamodule import PREFETCH_FACTOR, ClipDataModule
     from clip_model.lightning_module import ClipLightningModule, StepCheckpoint
+    from clip_model.shared_memory import check_shared_memory
     from clip_model.transforms import eval_transform, train_transform
     from storage import open_dataset
     from storage.fs import atomic_write_bytes, join
@@ -188,6 +201,7 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     dataset = open_dataset(cfg.data)  # DatasetError naming the folder and what is wrong
+    cfg = cfg.model_copy(update={"val_data": validation_data(cfg)})
     resume_path = _resolve_resume(cfg)
     L.seed_everything(cfg.seed, workers=False, verbose=False)
 
@@ -276,8 +290,9 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
     datamodule = ClipDataModule(
         dataset,
         tokenizer=tokenizer,
-        train_transform=train_transform(model_config.image_size),
-        val_transform=eval_transform(model_config.image_size),
+        # uint8 pixels from the workers, normalised on the device (the DataModule's hook)
+        train_transform=train_transform(model_config.image_size, uint8=True),
+        val_transform=eval_transform(model_config.image_size, uint8=True),
         image_size=model_config.image_size,
         batch_size=cfg.batch_size,
         workers=cfg.workers,
@@ -288,6 +303,14 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
         val_fraction=cfg.val_fraction,
         val_max_samples=cfg.val_max_samples,
         pin_memory=trainer.strategy.root_device.type == "cuda",
+    )
+    check_shared_memory(  # SharedMemoryError naming the settings, before the first step
+        batch_size=cfg.batch_size,
+        image_size=model_config.image_size,
+        context_length=model_config.context_length,
+        workers=cfg.workers,
+        prefetch_factor=PREFETCH_FACTOR,
+        ranks_on_node=trainer.num_devices,
     )
     module = ClipLightningModule(
         model=model_config,

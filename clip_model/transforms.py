@@ -56,27 +56,37 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 [3, H, W]: a quarter of float32's bytes between processes."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float, (x / 255 - mean) / std, on the tensor's own device (the
+    training batch is normalised on the GPU, after a uint8 transfer)."""
+    mean = torch.tensor(OPENAI_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(OPENAI_STD, device=images.device).view(3, 1, 1)
+    return images.float().div_(255).sub_(mean).div_(std)
+
+
 def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float [3, H, W], (x / 255 - mean) / std."""
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
-    mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
-    std = torch.tensor(OPENAI_STD).view(3, 1, 1)
-    return tensor.sub_(mean).div_(std)
+    return normalize(to_uint8_tensor(image))
 
 
 class EvalTransform:
-    def __init__(self, size: int):
+    def __init__(self, size: int, *, uint8: bool = False):
         if size <= 0:
             raise ValueError(f"size={size} must be positive")
-        self.size = size
+        self.size, self.uint8 = size, uint8
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = center_crop(resize_shortest_side(_check_image(image), self.size), self.size)
-        return to_normalized_tensor(image)
+        return to_uint8_tensor(image) if self.uint8 else to_normalized_tensor(image)
 
     def __repr__(self) -> str:
-        return f"EvalTransform(size={self.size})"
+        return f"EvalTransform(size={self.size}{', uint8' if self.uint8 else ''})"
 
 
 class TrainTransform:
@@ -86,12 +96,13 @@ class TrainTransform:
         *,
         scale: tuple[float, float] = (0.9, 1.0),
         generator: torch.Generator | int | None = None,
+        uint8: bool = False,
     ):
         if size <= 0:
             raise ValueError(f"size={size} must be positive")
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"scale={scale}: expected 0 < min <= max <= 1 (area fractions)")
-        self.size, self.scale = size, scale
+        self.size, self.scale, self.uint8 = size, scale, uint8
         if isinstance(generator, int):
             generator = torch.Generator().manual_seed(generator)
         # None: torch's global RNG, which DataLoader seeds differently in every worker
@@ -108,15 +119,18 @@ class TrainTransform:
         crop = image.crop((left, top, left + side, top + side))
         if side != self.size:
             crop = crop.resize((self.size, self.size), Image.Resampling.BICUBIC)
-        return to_normalized_tensor(crop)
+        return to_uint8_tensor(crop) if self.uint8 else to_normalized_tensor(crop)
 
     def __repr__(self) -> str:
-        return f"TrainTransform(size={self.size}, scale={self.scale})"
+        return (
+            f"TrainTransform(size={self.size}, scale={self.scale}{', uint8' if self.uint8 else ''})"
+        )
 
 
-def eval_transform(size: int) -> EvalTransform:
-    """PIL image -> float [3, size, size]: shortest side to `size` (bicubic), centre crop."""
-    return EvalTransform(size)
+def eval_transform(size: int, *, uint8: bool = False) -> EvalTransform:
+    """PIL image -> float [3, size, size]: shortest side to `size` (bicubic), centre crop.
+    `uint8`: the pixels before normalisation (`normalize` them later, e.g. on the GPU)."""
+    return EvalTransform(size, uint8=uint8)
 
 
 def train_transform(
@@ -124,10 +138,12 @@ def train_transform(
     *,
     scale: tuple[float, float] = (0.9, 1.0),
     generator: torch.Generator | int | None = None,
+    uint8: bool = False,
 ) -> TrainTransform:
     """PIL image -> float [3, size, size]: a random square crop (the paper's only augmentation).
 
     `generator` (a torch.Generator or a seed) makes the crops reproducible; leave it None inside
     DataLoader workers, whose global RNGs torch seeds apart (a shared seed repeats crops).
+    `uint8`: the pixels before normalisation (`normalize` them later, e.g. on the GPU).
     """
-    return TrainTransform(size, scale=scale, generator=generator)
+    return TrainTransform(size, scale=scale, generator=generator, uint8=uint8)

@@ -9,7 +9,8 @@ stage run, and launches `python -m clip_model.train` as a subprocess (torchrun f
 devices) whose child MLflow run holds the per-step and system metrics, artifacts and the registered
 pyfunc model (alias @candidate). --promote, or `--set mlflow.champion_metric=val/loss` when the new
 value beats the champion's, moves @champion to it. It returns where the checkpoints are and the
-final metrics.
+final metrics. A rerun of the same training (same config, less `resume`, same data) whose
+earlier run died continues it from its newest checkpoint; one that finished is reused.
 """
 
 from __future__ import annotations
