@@ -28,8 +28,9 @@ import flows  # noqa: E402,F401  (environment defaults)
 from storage import DatasetWriter, open_dataset  # noqa: E402
 from tasks.curation.filters import COLUMNS, FILTERS, FilterContext, LanguageIdentifier  # noqa: E402
 from tasks.curation.near_dup import HashIndex, greedy_dedup  # noqa: E402
-from tasks.curation.run import Selection, input_samples, write_curated  # noqa: E402
+from tasks.curation.run import Selection  # noqa: E402
 from tasks.curation.spec import parse_filter_spec  # noqa: E402
+from tasks.curation.write import write_curated  # noqa: E402
 
 WORDS = "a the red blue green photo of cat dog on in with small large two three car tree".split()
 
@@ -149,12 +150,12 @@ def bench_reshard(megabytes: int) -> None:
         ds = open_dataset(src)
         tars = ds.tar_urls()
         mb = sum(s.tar_bytes for s in ds.manifest.shards) / 1e6
-        samples, rows = input_samples(ds)
+        samples = ds.metadata(columns=["key"], with_shard=True)  # every row is a sample here
         sel = Selection(
             samples=samples,
             reason=np.full(samples.num_rows, None, dtype=object),
             detail=np.full(samples.num_rows, None, dtype=object),
-            input_rows=rows,
+            input_rows=samples.num_rows,
         )
         for f in tars:  # page cache warm for everyone
             Path(f).read_bytes()
@@ -188,7 +189,8 @@ def bench_clip(n: int, batch: int) -> None:
     import torch
     from PIL import Image
 
-    from tasks.curation.images import ClipScorer, scan_images
+    from tasks.curation.images import ClipScorer
+    from tasks.curation.scan import ShardJob, scan_shard
     from tasks.curation.spec import ClipScore
 
     rng = np.random.default_rng(0)
@@ -204,7 +206,6 @@ def bench_clip(n: int, batch: int) -> None:
                 Image.fromarray(grid).resize((64, 64), Image.Resampling.BICUBIC).save(buf, "JPEG")
                 w.write(f"{i:06d}", buf.getvalue(), f"a photo of thing number {i}", {}, {})
         ds = open_dataset(f"{tmp}/ds")
-        samples, _ = input_samples(ds)
         tok = Path(tmp) / "bpe.json"
         from clip_model.tokenizer import train_tokenizer
 
@@ -222,14 +223,12 @@ def bench_clip(n: int, batch: int) -> None:
             for _ in range(reps):
                 scorer.score(images, captions)
             model_rate = reps * batch / (time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            scan_images(
-                ds,
-                samples.select(["key", "shard", "caption"]),
-                want_phash=True,
-                scorer=scorer,
-                progress=False,
+            spec = parse_filter_spec(
+                {"filters": [{"name": "near_duplicates"}, cfg.model_dump(mode="json")]}
             )
+            t0 = time.perf_counter()
+            for entry in ds.manifest.shards:  # one process; tasks/engine.py spreads shards
+                scan_shard(ShardJob(ds.url, entry.name, None, spec))
             e2e = n / (time.perf_counter() - t0)
             print(
                 f"  {precision}: model {model_rate:8.0f} images/s; decode + pHash + score {e2e:8.0f} images/s"

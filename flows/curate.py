@@ -38,6 +38,8 @@ from tasks.curate import (
 )
 from tasks.curation.run import REJECTED_NAME, curation_identity
 from tasks.curation.spec import FilterSpec, load_filter_spec, parse_filter_spec
+from tasks.curation.write import VAL_NAME
+from tasks.engine import Engine
 from tasks.params.curate import CurateParams
 
 
@@ -49,6 +51,8 @@ def curate(
     eval_dirs: list[str] | None = None,
     num_shards: int | None = None,
     workers: int = 0,
+    engine: str = "local",
+    ray_address: str | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> CurateResult:
@@ -64,6 +68,7 @@ def curate(
         spec = spec.with_eval_dirs(eval_dirs)
     if num_shards is not None:
         spec = FilterSpec.model_validate({**spec.model_dump(), "num_shards": num_shards})
+    runner = Engine(kind=engine, workers=workers, address=ray_address)
     ds, bad_shards = load_input(input)
     parameters = curation_parameters(spec)
     # an output aliasing an input, or holding anything but this curation, fails now, not after
@@ -82,23 +87,28 @@ def curate(
             dataset=output,
             digest=done.digest,
             input_samples=done.stats["input_samples"],
-            kept=done.total_samples,
+            kept=done.stats["kept"],
+            val_samples=done.stats.get("val", {}).get("samples", 0),
+            val_dataset=f"{output.rstrip('/')}/{VAL_NAME}" if done.stats.get("val") else None,
             removed=done.stats["removed"],
             rejected=f"{output.rstrip('/')}/{REJECTED_NAME}",
             skipped=True,
         )
     with stage_run("curate", params={"input": input, "output": output, **parameters}) as run:
         log_dataset(ds, context="input")
-        sel = select(ds, spec, bad_shards, workers, progress)
-        manifest = write(ds, sel, output, spec, parameters, bad_shards, progress, force)
+        sel = select(ds, spec, bad_shards, runner, progress)
+        manifest = write(ds, sel, output, spec, parameters, runner, progress, force)
         out = open_dataset(output)
+        val = manifest.stats.get("val", {}).get("samples", 0)
         log_dataset(out, context="output")
         publish_report(sel, out)
     return CurateResult(
         dataset=out.url,
         digest=manifest.digest,
         input_samples=sel.samples.num_rows,
-        kept=manifest.total_samples,
+        kept=int(sel.kept.sum()),
+        val_samples=val,
+        val_dataset=f"{out.url}/{VAL_NAME}" if val else None,
         removed=sel.removed,
         rejected=f"{out.url}/{REJECTED_NAME}",
         mlflow_run_id=run.info.run_id,
@@ -110,6 +120,8 @@ def run(params: CurateParams) -> int:
     result = curate(**params.model_dump())
     word = "already curated" if result.skipped else "curated"
     print(f"\n{result.dataset}: {word}, {result.kept} of {result.input_samples} samples kept")
+    if result.val_dataset:
+        print(f"validation split: {result.val_samples} of them in {result.val_dataset}")
     print(f"{'filter':<18}{'removed':>9}")
     for name, n in result.removed.items():
         print(f"{name:<18}{n:>9}")

@@ -327,12 +327,14 @@ class DatasetWriter:
         parameters: dict[str, Any] | None = None,
         input_digest: str | None = None,
         samples_per_shard: int = 1000,
+        first_shard: int = 0,
     ):
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         self.url = str(url).rstrip("/")
         self.stage, self.parameters, self.input_digest = stage, parameters or {}, input_digest
         self.samples_per_shard = samples_per_shard
+        self.first_shard = first_shard  # several writers may fill one folder, each its own names
         self.stats: dict[str, Any] = {}
         self.shards: list[ShardEntry] = []
         self.manifest: Manifest | None = None
@@ -391,13 +393,19 @@ class DatasetWriter:
         if self._tar is None:
             return
         self._tar.close()
-        name = shard_name(len(self.shards))
+        name = shard_name(self.first_shard + len(self.shards))
         with atomic_open(join(self.url, f"{name}.parquet"), "wb") as f:
             pq.write_table(pa.Table.from_pylist(self._rows), f)
         with atomic_open(join(self.url, f"{name}.tar"), "wb") as f:
             f.write(self._tar_buf.getvalue())
         self.shards.append(describe_shard(self.url, name))
         self._tar, self._tar_buf, self._rows = None, None, []
+
+    def flush(self) -> list[ShardEntry]:
+        """Commit the open shard; the shards written so far. Without `close`, no manifest is
+        written: one writer of several (curation's resharding) hands its shards to the caller."""
+        self._commit_shard()
+        return list(self.shards)
 
     def close(self) -> Manifest:
         if self.manifest is None:

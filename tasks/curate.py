@@ -10,21 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
 from storage import Dataset, Manifest
 from tasks.curation.near_dup import eval_sets_digest
-from tasks.curation.run import (
-    Selection,
-    existing_output,
-    open_input,
-    select_samples,
-    write_curated,
-)
+from tasks.curation.run import Selection, existing_output, open_input, select_samples
 from tasks.curation.spec import FilterSpec
+from tasks.curation.write import write_curated
+from tasks.engine import Engine
 
 __all__ = [
     "CurateResult",
@@ -43,7 +38,9 @@ class CurateResult(BaseModel):
     dataset: str
     digest: str
     input_samples: int
-    kept: int
+    kept: int  # training samples + validation samples
+    val_samples: int = 0
+    val_dataset: str | None = None  # <dataset>/val, when any sample is held out
     removed: dict[str, int]
     rejected: str
     mlflow_run_id: str | None = None
@@ -75,14 +72,16 @@ def load_input(url: str) -> tuple[Dataset, dict[str, str]]:
 
 @task(name="select-samples", cache_policy=NONE)
 def select(
-    ds: Dataset, spec: FilterSpec, bad_shards: dict[str, str], workers: int, progress: bool
+    ds: Dataset, spec: FilterSpec, bad_shards: dict[str, str], engine: Engine, progress: bool
 ) -> Selection:
-    """Apply the spec's filters in order; every input sample is kept or dropped with a reason."""
+    """Apply the spec's filters in order; every input sample is kept or dropped with a reason.
+    The per-shard work is one task per input shard on `engine`."""
+    get_run_logger().info("curate: per-shard work %s", engine.describe())
     return select_samples(
         ds,
         spec,
         bad_shards=bad_shards,
-        workers=workers,
+        engine=engine,
         progress=progress,
         log=get_run_logger().info,
     )
@@ -95,18 +94,20 @@ def write(
     output: str,
     spec: FilterSpec,
     parameters: dict[str, Any],
-    bad_shards: dict[str, str],
+    engine: Engine,
     progress: bool,
     force: bool = False,
 ) -> Manifest:
-    """Reshard the kept samples into `spec.num_shards` even shards; write rejected.parquet."""
+    """Reshard the kept samples into `spec.num_shards` even shards (one task per shard on
+    `engine`), hold out `spec.val_fraction` as <output>/val; write rejected.parquet."""
     return write_curated(
         ds,
         sel,
         output,
         num_shards=spec.num_shards,
         parameters=parameters,
-        bad_shards=bad_shards,
+        val_fraction=spec.val_fraction,
+        engine=engine,
         progress=progress,
         log=get_run_logger().info,
         force=force,
@@ -137,12 +138,8 @@ def plot_histograms(sel: Selection, folder: Path) -> list[Path]:
 
     paths = []
     t, kept = sel.samples, sel.kept
-    cols = [c for c in ("original_width", "width") if c in t.column_names]
-    rows = [c for c in ("original_height", "height") if c in t.column_names]
-    if cols and rows:
-        w = pc.coalesce(*[t.column(c) for c in cols]).to_numpy(zero_copy_only=False)
-        h = pc.coalesce(*[t.column(c) for c in rows]).to_numpy(zero_copy_only=False)
-        short = np.minimum(w.astype(float), h.astype(float))
+    if sel.short_side is not None:
+        short = sel.short_side.astype(float)
         fig, ax = plt.subplots(figsize=(6, 4))
         finite = np.isfinite(short) & (short > 0)
         if finite.any():

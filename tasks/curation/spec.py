@@ -8,6 +8,7 @@
       - {name: near_duplicates, threshold: 6, eval_dirs: [data/sample/eval]}
       - {name: clip_score, checkpoint: runs/clip.pt, top_fraction: 0.9}
     num_shards: 8
+    val_fraction: 0.01    # held out by key hash into <output>/val
 
 Every model forbids unknown keys, so a typo is an error naming the field and listing the accepted
 ones, and an unknown filter name is an error listing the filters that exist.
@@ -185,6 +186,13 @@ class FilterSpec(BaseModel):
     filters: list[FilterConfig] = Field(default_factory=list)
     num_shards: int = Field(
         8, ge=1, description="output shards (>= training world size x loader workers)"
+    )
+    val_fraction: float = Field(
+        0.01,
+        ge=0.0,
+        lt=1.0,
+        description="kept samples held out as the validation split (the dataset <output>/val), "
+        "chosen by a stable hash of the key; 0: none",
     )
 
     @field_validator("filters")

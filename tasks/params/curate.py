@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.params import cli
 
@@ -29,10 +30,31 @@ class CurateParams(BaseModel):
         json_schema_extra=cli("--eval-dir", repeat=True, metavar="DIR"),
     )
     num_shards: int | None = Field(None, gt=0, description="output shards (default: the spec's)")
-    workers: int = Field(0, ge=0, description="image decoding processes (0: inline)")
+    workers: int = Field(
+        0,
+        ge=0,
+        description="processes for the per-shard work (scan: filters, decode, hashes, CLIP "
+        "score; write: resharding), 0: in this process; with --engine ray, the most shards in "
+        "flight (0: every shard at once)",
+    )
+    engine: Literal["local", "ray"] = Field(
+        "local",
+        description="where the per-shard work runs: local (this machine) or ray (a Ray cluster)",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="with --engine ray: the cluster to join (auto, ray://HOST:10001); default: "
+        "the Ray this process already runs, else a new local one",
+    )
     force: bool = Field(
         False, description="redo even if the output is up to date, replacing whatever OUTPUT holds"
     )
+
+    @model_validator(mode="after")
+    def _address_needs_ray(self) -> CurateParams:
+        if self.ray_address is not None and self.engine != "ray":
+            raise ValueError(f"--ray-address {self.ray_address} needs --engine ray")
+        return self
 
     def check(self) -> None:
         """The input is a dataset (damaged shards are the flow's to report), the filter spec

@@ -429,16 +429,18 @@ def test_curation_drops_pixel_bombs_as_too_large(tmp_path):
 
 @pytest.mark.parametrize("name", TWINS)
 def test_curation_sees_a_twin_as_its_plain_equivalent(tmp_path, name):
-    from tasks.curation.images import scan_images
+    from tasks.curation.scan import ShardJob, scan_shard
+    from tasks.curation.spec import parse_filter_spec
 
     variant, expected = twins()[name]
     ds = open_dataset(_dataset(tmp_path / "ds", {"variant": variant, "plain": png(expected)}))
-    rows = ds.metadata(columns=["key", "caption"], with_shard=True)
-    features = scan_images(ds, rows, want_phash=True, progress=False)
-    assert features.ok.all(), features.error
-    np.testing.assert_array_equal(features.thumbs[0], features.thumbs[1])
-    assert features.phash[0] == features.phash[1]
-    assert (features.widths[0], features.heights[0]) == (features.widths[1], features.heights[1])
+    spec = parse_filter_spec({"filters": [{"name": "near_duplicates"}]})
+    (shard,) = ds.manifest.shards
+    scan = scan_shard(ShardJob(ds.url, shard.name, None, spec))
+    assert scan.keys.to_pylist() == ["variant", "plain"]
+    assert scan.failure.null_count == 2, scan.detail
+    np.testing.assert_array_equal(scan.thumbs[0], scan.thumbs[1])
+    assert scan.phash[0] == scan.phash[1]
 
 
 # ---- evaluation ---------------------------------------------------------------------------------

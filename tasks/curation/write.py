@@ -1,0 +1,321 @@
+"""Writing a curation: the kept samples resharded into evenly sized shards (one task per output
+shard, on the engine), a validation split held out by a stable hash of the key as its own dataset
+(`<output>/val`), `rejected.parquet` (streamed shard by shard) and the manifest, last.
+
+Which samples go into output shard j is decided before any is written (sizes differ by at most
+one, samples in input order), so the shards' bytes, and the manifest's digest, are the same
+whatever the engine and however many workers write them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from storage import (
+    MANIFEST_NAME,
+    Dataset,
+    DatasetError,
+    DatasetWriter,
+    Manifest,
+    SampleError,
+    open_dataset,
+    read_shard,
+    stage_output,
+)
+from storage.dataset import write_manifest
+from storage.fs import atomic_open, filesystem, join, sha256_file
+from storage.manifest import ShardEntry
+from tasks.curation.run import REJECTED_NAME, STAGE, Selection, curation_identity
+from tasks.engine import Engine
+
+__all__ = ["VAL_NAME", "is_validation", "shard_sizes", "write_curated", "write_shard"]
+
+VAL_NAME = "val"  # the validation split: a dataset of its own inside the output
+
+log = logging.getLogger(__name__)
+Log = Callable[[str], None]
+
+
+def shard_sizes(n: int, num_shards: int) -> list[int]:
+    """`n` samples over min(num_shards, n) shards whose sizes differ by at most one."""
+    k = min(num_shards, n)
+    return [n // k + (1 if i < n % k else 0) for i in range(k)] if k else []
+
+
+def is_validation(keys: Sequence[str], fraction: float) -> np.ndarray:
+    """Whether each key belongs to the validation split: the first 8 bytes of BLAKE2b(key) read
+    as a number in [0, 1) fall below `fraction`. Stable: a key's split never depends on the rest
+    of the dataset, its order, or the run (so a re-curation keeps train and val apart)."""
+    if fraction <= 0:
+        return np.zeros(len(keys), bool)
+    blob = b"".join(hashlib.blake2b(k.encode(), digest_size=8).digest() for k in keys)
+    values = np.frombuffer(blob, ">u8").astype(np.float64) / 2.0**64
+    return values < fraction
+
+
+@dataclass(frozen=True)
+class ShardPart:
+    """Samples of one input shard that go into an output shard (keys in input order)."""
+
+    shard: str
+    keys: tuple[str, ...]
+    clip_scores: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ReshardJob:
+    dataset: str  # the input
+    output: str  # the folder the shard goes into
+    index: int  # the output shard's number
+    parts: tuple[ShardPart, ...]
+
+
+def write_shard(job: ReshardJob) -> ShardEntry:
+    """Write one output shard: its samples' tar members copied from the input tars (never
+    decoded), their Parquet rows from the input's, with `clip_score` where scored."""
+    size = sum(len(p.keys) for p in job.parts)
+    writer = DatasetWriter(
+        job.output, stage=STAGE, samples_per_shard=size + 1, first_shard=job.index
+    )
+    for part in job.parts:
+        parquet = join(job.dataset, f"{part.shard}.parquet")
+        fs, path = filesystem(parquet)
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        table = table.filter(pc.fill_null(pc.equal(table.column("status"), "success"), False))
+        table = table.filter(pc.is_in(table.column("key"), value_set=pa.array(part.keys)))
+        rows = {r["key"]: r for r in table.to_pylist()}
+        scores = dict(zip(part.keys, part.clip_scores, strict=True)) if part.clip_scores else {}
+        wanted = set(part.keys)
+        for sample in read_shard(join(job.dataset, f"{part.shard}.tar"), _unless(wanted)):
+            if sample.key not in wanted:
+                continue
+            wanted.discard(sample.key)
+            row, meta = rows[sample.key], dict(sample.meta)
+            if part.clip_scores is not None:
+                row["clip_score"] = meta["clip_score"] = scores[sample.key]
+            writer.write(sample.key, sample.image, sample.caption, meta, row, sample.image_ext)
+        if wanted:
+            raise DatasetError(f"{part.shard}.tar: kept samples vanished: {sorted(wanted)[:5]}")
+    (entry,) = writer.flush()
+    if entry.num_samples != size:
+        raise DatasetError(
+            f"{job.output}: shard {entry.name} holds {entry.num_samples}, not {size}"
+        )
+    return entry
+
+
+def _unless(wanted: set[str]) -> Callable[[SampleError], None]:
+    """A bad sample the image pass already rejected is passed over; one we keep cannot be bad."""
+
+    def on_bad_sample(error: SampleError) -> None:
+        if error.key in wanted:
+            raise error
+
+    return on_bad_sample
+
+
+def _plan(ds_url: str, output: str, sel: Selection, rows: np.ndarray, num_shards: int) -> list:
+    """The jobs that write `rows` (ascending sample positions) into `num_shards` even shards."""
+    keys = sel.samples.column("key")
+    codes = sel.samples.column("shard").combine_chunks()
+    if not pa.types.is_dictionary(codes.type):
+        codes = pc.dictionary_encode(codes)
+    scores = sel.samples.column("clip_score") if sel.scored else None
+    jobs, start = [], 0
+    for j, size in enumerate(shard_sizes(len(rows), num_shards)):
+        take = pa.array(rows[start : start + size], pa.int64())
+        start += size
+        part_keys = keys.take(take).to_pylist()
+        part_shards = codes.indices.take(take).to_numpy()
+        part_scores = scores.take(take).to_pylist() if scores is not None else None
+        parts, begin = [], 0
+        for end in [*np.flatnonzero(np.diff(part_shards)) + 1, len(part_keys)]:
+            parts.append(
+                ShardPart(
+                    shard=codes.dictionary[part_shards[begin]].as_py(),
+                    keys=tuple(part_keys[begin:end]),
+                    clip_scores=tuple(part_scores[begin:end]) if part_scores else None,
+                )
+            )
+            begin = end
+        jobs.append(ReshardJob(ds_url, output, j, tuple(parts)))
+    return jobs
+
+
+def _reshard(
+    ds: Dataset,
+    sel: Selection,
+    output: str,
+    rows: np.ndarray,
+    num_shards: int,
+    engine: Engine,
+    progress: bool,
+    desc: str,
+) -> list[ShardEntry]:
+    jobs = _plan(ds.url, output, sel, rows, num_shards)
+    return list(engine.map(write_shard, jobs, desc=desc, progress=progress))
+
+
+def _write_rejected(ds: Dataset, sel: Selection, url: str) -> int:
+    """Every dropped sample's key, url, caption, filter, detail, shard (+ clip_score), written
+    one input shard at a time."""
+    fields = [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("filter", pa.string()),
+        ("detail", pa.string()),
+        ("shard", pa.string()),
+    ]
+    if sel.scored:
+        fields.append(("clip_score", pa.float32()))
+    schema = pa.schema(fields)
+    dropped = ~sel.kept
+    written, offset = 0, 0
+    with atomic_open(url, "wb") as f, pq.ParquetWriter(f, schema) as out:
+        for entry in ds.manifest.shards:
+            fs, path = filesystem(join(ds.url, f"{entry.name}.parquet"))
+            with fs.open(path, "rb") as pf:
+                file = pq.ParquetFile(pf)
+                columns = [
+                    c for c in ("key", "url", "caption", "status") if c in file.schema_arrow.names
+                ]
+                table = file.read(columns=columns)
+            table = table.filter(pc.fill_null(pc.equal(table.column("status"), "success"), False))
+            n = table.num_rows
+            local = np.flatnonzero(dropped[offset : offset + n])
+            rows = local + offset
+            offset += n
+            if not len(local):
+                continue
+            take = pa.array(local, pa.int64())
+            piece = {
+                "key": table.column("key").take(take),
+                "url": table.column("url").take(take).cast(pa.string())
+                if "url" in table.column_names
+                else pa.nulls(len(local), pa.string()),
+                "caption": table.column("caption").take(take).cast(pa.string()),
+                "filter": pa.array(sel.reason[rows].tolist(), pa.string()),
+                "detail": pa.array(sel.detail[rows].tolist(), pa.string()),
+                "shard": pa.array([entry.name] * len(local), pa.string()),
+            }
+            if sel.scored:
+                piece["clip_score"] = sel.samples.column("clip_score").take(pa.array(rows))
+            out.write_table(pa.table(piece, schema=schema))
+            written += len(local)
+    if offset != sel.samples.num_rows:
+        raise DatasetError(f"{ds.url}: its shards changed during curation")
+    return written
+
+
+def write_curated(
+    ds: Dataset,
+    sel: Selection,
+    output: str,
+    *,
+    num_shards: int,
+    parameters: dict[str, Any],
+    val_fraction: float = 0.0,
+    bad_shards: dict[str, str] | None = None,
+    engine: Engine | None = None,
+    progress: bool = True,
+    log: Log = log.info,
+    force: bool = False,
+    inputs: Sequence[str] = (),
+) -> Manifest:
+    """Reshard the kept samples into evenly sized shards (`val_fraction` of them, by key hash,
+    into the dataset `<output>/val`), then `rejected.parquet`, then the manifest, into a staging
+    folder swapped in whole when complete (docs/stage-outputs.md): an output that aliases the
+    input (or `inputs`), or holds anything but this curation, is refused (unless `force`), and a
+    run killed before the swap leaves the output as it was."""
+    output = str(output).rstrip("/")
+    engine = engine or Engine()
+    with stage_output(
+        output,
+        stage=STAGE,
+        inputs=[ds.url, *inputs],
+        identity=curation_identity(ds.digest, parameters),
+        force=force,
+        seal=MANIFEST_NAME,
+        info=log,
+    ) as out:
+        if out.done:
+            return open_dataset(output).manifest
+        manifest = _write_curated(
+            ds, sel, out.staging, num_shards=num_shards, parameters=parameters,
+            val_fraction=val_fraction, engine=engine, progress=progress, log=log,
+        )  # fmt: skip
+        out.commit()
+    log(
+        f"wrote {output}: {manifest.total_samples} samples in {len(manifest.shards)} shards, "
+        f"{manifest.stats.get('val', {}).get('samples', 0)} in {VAL_NAME}/, "
+        f"{manifest.stats.get('rejected', 0)} rejected"
+    )
+    return manifest
+
+
+def _write_curated(
+    ds: Dataset,
+    sel: Selection,
+    output: str,
+    *,
+    num_shards: int,
+    parameters: dict[str, Any],
+    val_fraction: float,
+    engine: Engine,
+    progress: bool,
+    log: Log,
+) -> Manifest:
+    kept = np.flatnonzero(sel.kept)
+    keys = sel.samples.column("key").take(pa.array(kept, pa.int64())).to_pylist()
+    val = is_validation(keys, val_fraction)
+    train_rows, val_rows = kept[~val], kept[val]
+    sizes = shard_sizes(len(train_rows), num_shards)
+    if 0 < len(train_rows) < num_shards:
+        log(
+            f"only {len(train_rows)} samples kept: writing {len(train_rows)} shards, not {num_shards}"
+        )
+    stats = sel.stats() | {"num_shards": len(sizes), "shard_sizes": sorted(set(sizes))}
+    train = _reshard(ds, sel, output, train_rows, num_shards, engine, progress, "curate: write")
+    if len(val_rows):
+        # validation shards about as large as the training ones
+        val_shards = math.ceil(len(val_rows) / max(sizes, default=1))
+        val_url = join(output, VAL_NAME)
+        entries = _reshard(ds, sel, val_url, val_rows, val_shards, engine, progress, "curate: val")
+        val_manifest = write_manifest(
+            val_url,
+            entries,
+            stage=STAGE,
+            parameters={**parameters, "split": VAL_NAME},
+            input_digest=ds.digest,
+            stats={"split": VAL_NAME, "fraction": val_fraction, "samples": len(val_rows)},
+        )
+        stats["val"] = {
+            "samples": len(val_rows),
+            "fraction": val_fraction,
+            "digest": val_manifest.digest,
+        }
+    rejected = _write_rejected(ds, sel, join(output, REJECTED_NAME))
+    assert len(kept) + rejected == sel.samples.num_rows, "kept + rejected != input"
+    stats["rejected_sha256"] = sha256_file(join(output, REJECTED_NAME))[0]
+    manifest = write_manifest(
+        output,
+        train,
+        stage=STAGE,
+        parameters=parameters,
+        input_digest=ds.digest,
+        stats=stats,
+    )
+    assert [s.num_samples for s in manifest.shards] == sizes, "shards are not evenly sized"
+    return manifest
