@@ -50,6 +50,7 @@ def eval_dir(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # ~50 s on a loaded 2-core machine: two spawned workers import the stack
 def test_local_pool_writes_what_one_process_writes(crawl, eval_dir, tmp_path):
     one_sel, one = _curate(crawl, eval_dir, tmp_path / "one", Engine())
     two_sel, two = _curate(crawl, eval_dir, tmp_path / "two", Engine(workers=2))

@@ -143,7 +143,7 @@ def test_training_stops_naming_a_shard_the_store_cannot_read(tmp_path):
 
 
 def test_curation_rejects_each_bad_sample_naming_it_and_keeps_the_rest(dataset, tmp_path):
-    from tasks.curation.run import REJECTED_NAME, select_samples, write_curated
+    from tasks.curation import REJECTED_NAME, select_samples, write_curated
     from tasks.curation.spec import FilterSpec
 
     ds = open_dataset(dataset)
