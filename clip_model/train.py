@@ -162,6 +162,10 @@ def _mlflow_run(cfg: TrainConfig, tracking_uri: str) -> str:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from storage.tracking import ensure_experiment, ensure_tracking_store
+
+    # trainings started at once on a fresh SQLite database (docs/design.md, trap 14)
+    ensure_tracking_store(tracking_uri)
     client = MlflowClient(tracking_uri)
     tags = {"stage": "train", "mlflow.runName": cfg.mlflow.run_name}
     if cfg.mlflow.parent_run_id:
@@ -169,8 +173,6 @@ def _mlflow_run(cfg: TrainConfig, tracking_uri: str) -> str:
         experiment_id = parent.info.experiment_id
         tags["mlflow.parentRunId"] = cfg.mlflow.parent_run_id
     else:
-        from storage.tracking import ensure_experiment
-
         mlflow.set_tracking_uri(tracking_uri)
         experiment_id = ensure_experiment(cfg.mlflow.experiment, tracking_uri)
     return client.create_run(experiment_id, tags=tags).info.run_id

@@ -1,7 +1,9 @@
 """MLflow helpers: one place that knows the tracking URI, run nesting and dataset lineage.
 
 Local runs need no server: the tracking URI defaults to a SQLite file (docs/design.md, trap 6). A stage
-opened inside another run (the pipeline's parent run) becomes its nested child run.
+opened inside another run (the pipeline's parent run) becomes its nested child run. A fresh SQLite
+database is created once, under a file lock, before any run opens (`ensure_tracking_store`,
+docs/design.md trap 14), so stages started at the same moment all start.
 
 MLflow 3 (docs/mlflow.md): experiments are created as model-training experiments (the UI opens
 their runs table, not the GenAI view); a registered version gets the alias `@candidate`, and
@@ -12,6 +14,7 @@ their runs table, not the GenAI view); a registered version gets the alias `@can
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -30,6 +33,7 @@ __all__ = [
     "EXPERIMENT_KIND_TAG",
     "RegisteredModel",
     "ensure_experiment",
+    "ensure_tracking_store",
     "fetch_registered_model",
     "flatten_params",
     "is_model_uri",
@@ -47,10 +51,40 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 CANDIDATE = "candidate"  # every newly registered version
 CHAMPION = "champion"  # the version to serve: moved by `promote`
+_READY: set[str] = set()  # tracking URIs whose database this process has made sure of
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _sqlite_file(uri: str) -> str | None:
+    """The database file of a `sqlite:///` URI, or None (a server, another database, memory)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return None if database in (None, "", ":memory:") else os.path.abspath(database)
+
+
+def ensure_tracking_store(uri: str | None = None) -> str:
+    """Create the tracking database's schema once, before any stage opens a run; returns the URI.
+
+    MLflow creates a fresh SQLite database's schema on first use, and several processes doing
+    that at once fail (docs/design.md, trap 14): here the first one creates it while holding an
+    exclusive lock on `DB.init-lock`, the others wait and find it made. A tracking server, or
+    another database, makes its own schema: nothing to do."""
+    uri = uri or tracking_uri()
+    path = _sqlite_file(uri)
+    if path is None or uri in _READY:
+        return uri
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(f"{path}.init-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates it
+    _READY.add(uri)
+    return uri
 
 
 def prefect_tags() -> dict[str, str]:
@@ -91,7 +125,7 @@ def stage_run(
     run_name: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run for one stage; nested under the active run when there is one."""
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(ensure_tracking_store(tracking_uri()))
     parent = mlflow.active_run()
     if parent is None:
         name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)

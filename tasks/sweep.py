@@ -222,9 +222,9 @@ def sweep_parent_run(spec: SweepConfig, study: Any, dataset: Any) -> Iterator[st
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from storage.tracking import log_dataset, stage_run
+    from storage.tracking import ensure_tracking_store, log_dataset, stage_run
 
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(ensure_tracking_store(tracking_uri()))
     earlier = study.user_attrs.get("mlflow_parent_run_id")
     if earlier:
         try:
