@@ -44,7 +44,7 @@ from clip_model.config import ModelConfig
 from clip_model.loss import ClipLoss
 from clip_model.model import create_model
 from clip_model.retrieval import gather_retrieval_features, retrieval_metrics
-from storage.fs import filesystem, join
+from storage.fs import atomic_write_bytes, filesystem, join
 
 __all__ = ["ClipLightningModule", "StepCheckpoint", "cosine_with_warmup", "latest_checkpoint"]
 
@@ -64,6 +64,27 @@ def cosine_with_warmup(
 def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     """Gains, biases, embeddings and the temperature are not decayed (as OpenCLIP)."""
     return param.ndim < 2 or "embedding" in name or "logit_scale" in name
+
+
+def _drop_rows_from(url: str, step: int) -> None:
+    """Before a run appends its first row (step `step`), drop the rows an interrupted run had
+    written from that step on: a run resumed into the same folder rewrites them, and
+    metrics.jsonl keeps one row per step. A torn last line (a kill mid-write) goes too."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return
+    with fs.open(path, "rb") as f:
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_bytes(url, "".join(f"{line}\n" for line in kept).encode())
 
 
 class _MeasuredClipLoss(ClipLoss):
@@ -367,6 +388,7 @@ class ClipLightningModule(L.LightningModule):
             if self._metrics_file is None:
                 fs, path = filesystem(self.metrics_path)
                 fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                _drop_rows_from(self.metrics_path, step)
                 self._metrics_file = fs.open(path, "a")
             self._metrics_file.write(json.dumps(record) + "\n")
             self._metrics_file.flush()
