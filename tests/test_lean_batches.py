@@ -74,3 +74,14 @@ def test_persistent_workers_read_each_new_epoch(tmp_path):
     assert [e for e, _ in passes[0]] == [0] * 8 and [e for e, _ in passes[1]] == [1] * 8
     assert [k for _, k in passes[1]] == [b["keys"] for b in fresh.train_dataloader()]
     assert [k for _, k in passes[0]] != [k for _, k in passes[1]]
+
+
+def test_training_stops_before_the_first_step_when_shared_memory_is_short(tmp_path):
+    from clip_model.train import load_config, train
+    from tests.test_train import micro_config
+
+    data = write_shapes(tmp_path / "ds", [20])
+    cfg = load_config(micro_config(tmp_path, data, max_steps=1, workers=2, batch_size=10**7))
+    with pytest.raises(SharedMemoryError, match=r"workers=2 x prefetch 4 .* batch_size=10000000"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
