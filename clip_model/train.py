@@ -37,7 +37,6 @@ import os
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -103,23 +102,28 @@ def validation_data(cfg: TrainConfig) -> str | None:
     return beside if exists(join(beside, "manifest.json")) else None
 
 
-def _wait_for(path: Path, what: str, timeout: float = 1800) -> None:
+def _wait_for(url: str, what: str, timeout: float = 1800) -> None:
+    from storage.fs import exists
+
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not exists(url):  # through storage.fs: a shared filesystem or an object store
         if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout:.0f} s for rank 0 to write {what} at {path}")
+            raise TimeoutError(f"waited {timeout:.0f} s for rank 0 to write {what} at {url}")
         time.sleep(0.5)
 
 
 def prepare_tokenizer(cfg: TrainConfig, dataset: Any, model_config: Any, rank: int):
     """(tokenizer, its file or "openai", the model config fitted to its vocabulary).
 
-    "bpe" learns a byte-level BPE on the training captions (rank 0; the others wait for the
-    file): saved as out_dir/tokenizer.json and reused when it exists (resume).
+    "bpe" learns a byte-level BPE on the training captions (rank 0; the others, on any node,
+    wait for the file): saved as out_dir/tokenizer.json through storage.fs (so out_dir may be an
+    object store URL) and reused when it exists (resume). The file named is that URL; the
+    tokenizer is read from a local copy (storage.fs.local_path).
     """
     from clip_model.config import OPENAI_VOCAB_SIZE
     from clip_model.datamodule import is_validation_key
     from clip_model.tokenizer import get_tokenizer, train_tokenizer
+    from storage.fs import exists, join, local_output, local_path
 
     kind = model_config.tokenizer if cfg.tokenizer == "auto" else cfg.tokenizer
     ctx = model_config.context_length
@@ -127,8 +131,8 @@ def prepare_tokenizer(cfg: TrainConfig, dataset: Any, model_config: Any, rank: i
         update = {"tokenizer": "openai", "vocab_size": OPENAI_VOCAB_SIZE}
         return get_tokenizer("openai", ctx), "openai", model_config.model_copy(update=update)
     if kind == "bpe":
-        path = Path(cfg.out_dir) / "tokenizer.json"
-        if not path.exists():
+        path = join(cfg.out_dir, "tokenizer.json")
+        if not exists(path):
             if rank == 0:
                 table = dataset.metadata(columns=["key", "caption", "status"])
                 fraction = 0.0 if cfg.val_data else cfg.val_fraction
@@ -143,14 +147,15 @@ def prepare_tokenizer(cfg: TrainConfig, dataset: Any, model_config: Any, rank: i
                     if s == "success" and c and not is_validation_key(k, fraction)
                 ]
                 vocab = cfg.tokenizer_vocab_size or model_config.vocab_size
-                train_tokenizer(captions, vocab, path)  # written atomically
+                with local_output(path) as local:  # appears whole or not at all
+                    train_tokenizer(captions, vocab, local)
             else:
                 _wait_for(path, "the tokenizer")
     else:
-        path = Path(kind)
-    tokenizer = get_tokenizer(path, ctx)
+        path = kind
+    tokenizer = get_tokenizer(local_path(path), ctx)
     update = {"tokenizer": "bpe", "vocab_size": tokenizer.vocab_size}
-    return tokenizer, str(path), model_config.model_copy(update=update)
+    return tokenizer, path, model_config.model_copy(update=update)
 
 
 def _mlflow_run(cfg: TrainConfig, tracking_uri: str) -> str:
@@ -394,6 +399,7 @@ def _log_outputs(
     import mlflow
 
     from clip_model.pyfunc import log_pyfunc_model
+    from storage.fs import local_path
 
     mlflow.set_tracking_uri(uri)
     mlflow.flush_async_logging()  # the per-step metrics MLFlowLogger queued
@@ -402,13 +408,15 @@ def _log_outputs(
         mlflow.log_metrics({k: v for k, v in result["metrics"].items() if k.startswith("val/")})
         mlflow.log_artifact(result["config"])
         if result["tokenizer"] != "openai":
-            mlflow.log_artifact(result["tokenizer"])
+            mlflow.log_artifact(local_path(result["tokenizer"]))
         if result["checkpoint"]:
             mlflow.log_artifact(result["checkpoint"], artifact_path="checkpoints")
         if cfg.mlflow.log_model:
             model_info = log_pyfunc_model(
                 module.model,
-                tokenizer=result["tokenizer"],
+                tokenizer=result["tokenizer"]
+                if result["tokenizer"] == "openai"
+                else local_path(result["tokenizer"]),
                 registered_model_name=cfg.mlflow.registered_model,
             )
             info["model_uri"] = model_info.model_uri

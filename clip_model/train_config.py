@@ -22,6 +22,7 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "EvalConfig",
+    "LaunchConfig",
     "MLflowConfig",
     "OptunaTrialConfig",
     "TrainConfig",
@@ -80,6 +81,31 @@ class EvalConfig(_Strict):
     @classmethod
     def _precision(cls, value: Any) -> str:
         return "auto" if value == "auto" else str(parse_precision(value).name)
+
+
+class LaunchConfig(_Strict):
+    """How the `train` flow starts a run of several nodes (num_nodes > 1); the trainer ignores it.
+
+    torchrun: the flow starts this node's torchrun (node 0, whose ranks include global rank 0)
+    and logs the command every other node runs with the same rendezvous; srun: the flow, running
+    inside a SLURM allocation, starts every node's ranks with one `srun`."""
+
+    launcher: Literal["auto", "torchrun", "srun"] = Field(
+        "auto", description="auto: srun inside a SLURM allocation (SLURM_JOB_ID set), else torchrun"
+    )
+    rdzv_endpoint: str | None = Field(
+        None, description="torchrun across nodes: HOST:PORT of the rendezvous, reachable by all"
+    )
+    rdzv_id: str = Field("clip-train", description="torchrun: the job's rendezvous id")
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"rdzv_endpoint={value!r}: expected HOST:PORT, e.g. node0:29500")
+        return value
 
 
 class OptunaTrialConfig(_Strict):
@@ -187,6 +213,7 @@ class TrainConfig(_Strict):
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     eval: EvalConfig | None = Field(None, description="zero-shot evaluation every N steps")
     optuna: OptunaTrialConfig | None = Field(None, description="a sweep's trial: report, prune")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig, description="num_nodes > 1")
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -32,6 +33,7 @@ __all__ = [
     "training_key",
     "launch_command",
     "promote_champion",
+    "launcher",
     "resolve_train_config",
     "run_training",
     "write_train_config",
@@ -75,7 +77,9 @@ _UNTRAINED = {
 def training_key(cfg: TrainConfig, data_digest: str) -> str:
     """What decides a training run's result: the resolved config (less where it is tracked and
     how it resumes) and the input dataset's manifest digest. Not wall time, not paths of logs."""
-    spec = cfg.model_dump(mode="json", exclude={"resume": True, "mlflow": _UNTRAINED})
+    spec = cfg.model_dump(
+        mode="json", exclude={"resume": True, "launch": True, "mlflow": _UNTRAINED}
+    )
     blob = json.dumps({"config": spec, "data": data_digest}, sort_keys=True, default=str)
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
@@ -181,25 +185,65 @@ def write_train_config(cfg: TrainConfig) -> str:
     return path
 
 
-def launch_command(cfg: TrainConfig, config_path: str) -> list[str]:
-    """The trainer's command line: one process, or torchrun with one process per device."""
-    if cfg.num_nodes > 1:
-        raise ValueError(
-            f"num_nodes={cfg.num_nodes}: a flow launches on its own machine only; start multi-node "
-            "runs with torchrun or srun on every node (see clip_model/train.py)"
-        )
+def launcher(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> str:
+    """ "python" (one process), "torchrun" (several on this node, or this node's share of several
+    nodes) or "srun" (every node's ranks from inside a SLURM allocation)."""
+    env = os.environ if env is None else env
+    if cfg.num_nodes == 1:
+        return "torchrun" if isinstance(cfg.devices, int) and cfg.devices > 1 else "python"
+    if cfg.launch.launcher != "auto":
+        return cfg.launch.launcher
+    return "srun" if "SLURM_JOB_ID" in env else "torchrun"
+
+
+def launch_command(
+    cfg: TrainConfig, config_path: str, env: Mapping[str, str] | None = None
+) -> list[str]:
+    """The trainer's command line on this machine.
+
+    One process: `python -m clip_model.train`. Several devices on one node: torchrun
+    --standalone. Several nodes: torchrun with a c10d rendezvous at `launch.rdzv_endpoint` (the
+    same command runs on every node; the flow's node is one of them), or one `srun` across the
+    SLURM allocation (Lightning reads each task's SLURM_* variables). The config file and out_dir
+    must then be on storage every node reads (a shared filesystem or an object store).
+    """
     trainer = ["-m", "clip_model.train", "--config", filesystem(config_path)[1]]
-    if isinstance(cfg.devices, int) and cfg.devices > 1:
-        if cfg.strategy != "ddp":
-            raise ValueError(f"devices={cfg.devices} needs strategy=ddp, got {cfg.strategy!r}")
-        launcher = [
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={cfg.devices}",
+    kind = launcher(cfg, env)
+    if kind == "python":
+        return [sys.executable, *trainer]
+    if cfg.strategy != "ddp":
+        raise ValueError(
+            f"devices={cfg.devices} x num_nodes={cfg.num_nodes} needs strategy=ddp, got "
+            f"{cfg.strategy!r}"
+        )
+    if cfg.num_nodes > 1 and not isinstance(cfg.devices, int):
+        raise ValueError(f"num_nodes={cfg.num_nodes} needs devices per node as a number")
+    if kind == "srun":
+        return [
+            "srun",
+            f"--nodes={cfg.num_nodes}",
+            f"--ntasks-per-node={cfg.devices}",
+            "--kill-on-bad-exit=1",
+            sys.executable,
+            *trainer,
         ]
-        return [sys.executable, *launcher, *trainer]
-    return [sys.executable, *trainer]
+    if cfg.num_nodes == 1:
+        rendezvous = ["--standalone"]
+    elif cfg.launch.rdzv_endpoint is None:
+        raise ValueError(
+            f"num_nodes={cfg.num_nodes} with torchrun needs launch.rdzv_endpoint=HOST:PORT (a "
+            "port on one of the nodes that all of them reach), or run the flow inside a SLURM "
+            "allocation (launch.launcher=srun)"
+        )
+    else:
+        rendezvous = [
+            f"--nnodes={cfg.num_nodes}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={cfg.launch.rdzv_endpoint}",
+            f"--rdzv_id={cfg.launch.rdzv_id}",
+        ]
+    launch = ["-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={cfg.devices}"]
+    return [sys.executable, *launch, *trainer]
 
 
 @task(name="run-training")
@@ -208,6 +252,14 @@ def run_training(cfg: TrainConfig, config_path: str) -> TrainResult:
     logger = get_run_logger()
     command = launch_command(cfg, config_path)
     logger.info("launching: %s", " ".join(command))
+    if cfg.num_nodes > 1 and command[0] != "srun":
+        logger.info(
+            "this is one node of %d: run the same command on each of the others (shared "
+            "out_dir %s): %s",
+            cfg.num_nodes,
+            cfg.out_dir,
+            " ".join(["python", *command[1:]]),
+        )
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
