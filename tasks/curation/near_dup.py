@@ -7,13 +7,13 @@ resizing or a light colour change moves a pHash by a few bits; different picture
 Search is multi-index hashing (Norouzi et al., "Fast Search in Hamming Space with Multi-Index
 Hashing", CVPR 2012): split the 64 bits into m chunks; two hashes within distance t agree to within
 floor(t/m) bits on at least one chunk (pigeonhole), so each query probes every chunk value within
-that radius in a sorted per-chunk table instead of scanning the whole set. m is picked per call
-from the table size and t. Candidates are then checked exactly with numpy's popcount on uint64.
+that radius in a per-chunk hash table instead of scanning the whole set. The tables and the
+exact check of candidates are FAISS's (`IndexBinaryMultiHash`, a range search); m is picked per
+call from the table size and t.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,8 +36,7 @@ __all__ = [
 ]
 
 EVAL_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-_MAX_PROBES = 4096
-_DIRECT_BITS = 24  # chunks this narrow get a dense bucket table (2**24 int64 = 128 MiB at most)  # chunk values probed per query and chunk; bounds the plan's radius
+_MAX_PROBES = 4096  # buckets probed per query and table; bounds the plan's radius
 
 
 def phash64(image: Image.Image) -> int:
@@ -66,63 +65,51 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.bitwise_xor(a, b)).astype(np.int64)
 
 
-def _chunk_layout(m: int) -> list[tuple[int, int]]:
-    """(bit offset, width) of m near-equal chunks covering 64 bits."""
-    widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
-    offsets = [sum(widths[:i]) for i in range(m)]
-    return list(zip(offsets, widths, strict=True))
-
-
 def _n_probes(width: int, radius: int) -> int:
     return sum(math.comb(width, k) for k in range(radius + 1))
 
 
-def _probe_masks(width: int, radius: int) -> np.ndarray:
-    """Every `width`-bit XOR mask with at most `radius` bits set."""
-    masks = [0]
-    for k in range(1, radius + 1):
-        masks += [sum(1 << b for b in bits) for bits in itertools.combinations(range(width), k)]
-    return np.asarray(masks, dtype=np.uint64)
-
-
-def _plan(n_db: int, threshold: int) -> int:
-    """The chunk count m with the lowest expected probes + candidates per query."""
-    best, best_cost = threshold + 1, math.inf
+def _plan(n_db: int, threshold: int) -> tuple[int, int]:
+    """(hash tables, bits per table) with the lowest expected probes + candidates per query."""
+    best, best_cost = (min(threshold + 1, 64), 64 // min(threshold + 1, 64)), math.inf
     for m in range(1, min(threshold + 1, 64) + 1):
-        layout = _chunk_layout(m)
-        w_max, w_min = layout[0][1], layout[-1][1]
-        probes = _n_probes(w_max, threshold // m)
-        if probes > _MAX_PROBES or w_max > 62:
+        bits = 64 // m  # m disjoint substrings: the pigeonhole bound needs them disjoint
+        probes = _n_probes(bits, threshold // m)
+        if probes > _MAX_PROBES:
             continue
-        cost = m * probes * (1.0 + n_db / 2.0**w_min)
+        cost = m * probes * (1.0 + n_db / 2.0**bits)
         if cost < best_cost:
-            best, best_cost = m, cost
+            best, best_cost = (m, bits), cost
     return best
+
+
+def _codes(hashes: np.ndarray) -> np.ndarray:
+    """uint64 hashes as FAISS binary codes: 8 bytes each, most significant first."""
+    return np.ascontiguousarray(hashes.astype(">u8")).view(np.uint8).reshape(-1, 8)
 
 
 Verify = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 class HashIndex:
-    """A multi-index over uint64 hashes: `search(queries)` finds every pair within `threshold`."""
+    """FAISS's multi-index hashing over 64-bit hashes (`faiss.IndexBinaryMultiHash`): `m` hash
+    tables over disjoint `bits`-bit substrings, each probed within `radius` = threshold // m
+    flipped bits, so every pair within `threshold` shares a probed bucket (pigeonhole) and the
+    range search is exact (tests/test_curate.py checks it against brute force)."""
+
+    _BATCH = 65_536  # queries per range search: bounds the result arrays held at once
 
     def __init__(self, hashes: np.ndarray, threshold: int):
+        import faiss
+
         self.hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
         self.threshold = int(threshold)
-        self.m = _plan(len(self.hashes), self.threshold)
+        self.m, self.bits = _plan(len(self.hashes), self.threshold)
         self.radius = self.threshold // self.m
-        self._tables = []
-        for offset, width in _chunk_layout(self.m):
-            keys = (self.hashes >> np.uint64(offset)) & np.uint64((1 << width) - 1)
-            order = np.argsort(keys, kind="stable")
-            if width <= _DIRECT_BITS:  # bucket starts by direct lookup: one gather per probe
-                starts = np.zeros((1 << width) + 1, np.int64)
-                np.cumsum(np.bincount(keys.astype(np.int64), minlength=1 << width), out=starts[1:])
-                lookup = starts
-            else:
-                lookup = keys[order]
-            masks = _probe_masks(width, self.radius)
-            self._tables.append((offset, width, lookup, order, masks))
+        self._index = faiss.IndexBinaryMultiHash(64, self.m, self.bits)
+        self._index.nflip = self.radius
+        if len(self.hashes):
+            self._index.add(_codes(self.hashes))
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -130,45 +117,33 @@ class HashIndex:
     def search(
         self, queries: np.ndarray, verify: Verify | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(query index, database index, distance) of every pair within the threshold, unique.
+        """(query index, database index, distance) of every pair within the threshold, unique,
+        sorted by query then database index.
 
         `verify(query_idx, db_idx) -> mask` can veto candidate pairs (e.g. colours too different).
         """
         queries = np.ascontiguousarray(queries, dtype=np.uint64)
-        found_q, found_d = [], []
-        if len(queries) == 0 or len(self.hashes) == 0:
-            empty = np.zeros(0, np.int64)
-            return empty, empty, empty
-        for offset, width, lookup, order, masks in self._tables:
-            batch = max(1, (1 << 21) // len(masks))
-            chunk_mask = np.uint64((1 << width) - 1)
-            for start in range(0, len(queries), batch):
-                q = queries[start : start + batch]
-                probes = (((q >> np.uint64(offset)) & chunk_mask)[:, None] ^ masks[None, :]).ravel()
-                if width <= _DIRECT_BITS:
-                    p = probes.astype(np.int64)
-                    lo, hi = lookup[p], lookup[p + 1]
-                else:
-                    lo = np.searchsorted(lookup, probes, side="left")
-                    hi = np.searchsorted(lookup, probes, side="right")
-                counts = hi - lo
-                total = int(counts.sum())
-                if total == 0:
-                    continue
-                q_idx = np.repeat(np.arange(len(probes)) // len(masks), counts) + start
-                first = np.repeat(lo - (np.cumsum(counts) - counts), counts)
-                d_idx = order[first + np.arange(total)]
-                close = hamming(queries[q_idx], self.hashes[d_idx]) <= self.threshold
-                if verify is not None:
-                    close[close] = verify(q_idx[close], d_idx[close])
-                found_q.append(q_idx[close])
-                found_d.append(d_idx[close])
+        found_q, found_d, found_dist = [], [], []
+        if len(queries) and len(self.hashes):
+            for start in range(0, len(queries), self._BATCH):
+                batch = _codes(queries[start : start + self._BATCH])
+                # FAISS's binary range search keeps distances strictly below the radius given
+                lims, dist, ids = self._index.range_search(batch, self.threshold + 1)
+                q_idx = np.repeat(np.arange(len(batch)), np.diff(lims.astype(np.int64))) + start
+                d_idx = ids.astype(np.int64)
+                if verify is not None and len(q_idx):
+                    keep = verify(q_idx, d_idx)
+                    q_idx, d_idx, dist = q_idx[keep], d_idx[keep], dist[keep]
+                found_q.append(q_idx)
+                found_d.append(d_idx)
+                found_dist.append(dist.astype(np.int64))
         if not found_q:
             empty = np.zeros(0, np.int64)
             return empty, empty, empty
-        pair = np.unique(np.concatenate(found_q) * len(self.hashes) + np.concatenate(found_d))
-        q_idx, d_idx = pair // len(self.hashes), pair % len(self.hashes)
-        return q_idx, d_idx, hamming(queries[q_idx], self.hashes[d_idx])
+        q_idx, d_idx = np.concatenate(found_q), np.concatenate(found_d)
+        dist = np.concatenate(found_dist)
+        order = np.lexsort((d_idx, q_idx))
+        return q_idx[order], d_idx[order], dist[order]
 
     def nearest(
         self, queries: np.ndarray, verify: Verify | None = None

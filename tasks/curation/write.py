@@ -105,6 +105,8 @@ def write_shard(job: ReshardJob) -> ShardEntry:
             if part.clip_scores is not None:
                 row["clip_score"] = meta["clip_score"] = scores[sample.key]
             writer.write(sample.key, sample.image, sample.caption, meta, row, sample.image_ext)
+            if not wanted:
+                break  # every sample of this part is written: the rest of the tar is not ours
         if wanted:
             raise DatasetError(f"{part.shard}.tar: kept samples vanished: {sorted(wanted)[:5]}")
     (entry,) = writer.flush()
