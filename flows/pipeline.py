@@ -81,6 +81,9 @@ def clip_pipeline(profile: str = "tiny", config: PipelineConfig | None = None) -
             filters=cfg.curate.filters,
             eval_dirs=eval_dirs,
             num_shards=cfg.curate.num_shards,
+            workers=cfg.curate.workers,
+            engine=cfg.curate.engine,
+            ray_address=cfg.curate.ray_address,
         )
         trained = train(
             data=curated.dataset,

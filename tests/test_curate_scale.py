@@ -126,3 +126,21 @@ def test_curate_command_refuses_a_ray_address_without_the_ray_engine(tmp_path):
     p = run_cli("flows.curate", "--input", str(tmp_path), "--output", str(tmp_path / "c"),
                 "--filters", "sample", "--ray-address", "auto")  # fmt: skip
     assert "--ray-address auto needs --engine ray" in refused(p)
+
+
+def test_a_profile_runs_curation_on_ray_by_its_curate_section():
+    from tasks.params.pipeline import ProfileError, load_profile
+
+    cfg = load_profile("micro", ["curate.engine=ray", "curate.ray_address=auto"])
+    assert (cfg.curate.engine, cfg.curate.ray_address, cfg.curate.workers) == ("ray", "auto", 0)
+    with pytest.raises(ProfileError, match="ray_address auto needs engine: ray"):
+        load_profile("micro", ["curate.ray_address=auto"])
+
+
+def test_engine_draws_a_bar_per_shard_when_asked(monkeypatch, capsys):
+    monkeypatch.setenv("CLIP_PIPELINE_PROGRESS", "1")  # stderr is not a terminal under pytest
+    assert list(Engine().map(math.sqrt, [1.0, 4.0, 9.0], desc="curate: scan")) == [1, 2, 3]
+    err = capsys.readouterr().err
+    assert "curate: scan" in err and "3/3" in err and "shard" in err
+    list(Engine().map(math.sqrt, [1.0], desc="quiet", progress=False))
+    assert "quiet" not in capsys.readouterr().err

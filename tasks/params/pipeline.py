@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -64,6 +64,19 @@ class CurateSection(_Section):
     filters: str = Field(description="a filter spec YAML (configs/filters/)")
     eval_dirs: list[str] = Field(default_factory=list, description="decontaminate against these")
     num_shards: int | None = Field(None, gt=0)
+    workers: int = Field(0, ge=0, description="processes for curation's per-shard work (0: inline)")
+    engine: Literal["local", "ray"] = Field(
+        "local", description="where curation's per-shard work runs (ray: a Ray cluster)"
+    )
+    ray_address: str | None = Field(
+        None, description="engine ray: the cluster to join (auto, ray://HOST:10001)"
+    )
+
+    @model_validator(mode="after")
+    def _address_needs_ray(self) -> CurateSection:
+        if self.ray_address is not None and self.engine != "ray":
+            raise ValueError(f"ray_address {self.ray_address} needs engine: ray")
+        return self
 
 
 class TrainSection(_Section):
