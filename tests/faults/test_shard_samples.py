@@ -156,3 +156,56 @@ def test_curation_rejects_each_bad_sample_naming_it_and_keeps_the_rest(dataset, 
     details = {r["key"]: (r["filter"], r["detail"]) for r in rejected}
     assert details["badtxt"][0] == "undecodable" and "not UTF-8" in details["badtxt"][1]
     assert details["badjson"][0] == "undecodable" and "not JSON" in details["badjson"][1]
+
+
+# ---- memory: not the sample's fault -------------------------------------------------------------
+
+OUT_OF_MEMORY = """
+import resource, sys
+from clip_model.datamodule import ClipDataModule
+from clip_model.tokenizer import get_tokenizer
+from clip_model.transforms import eval_transform, train_transform
+
+dm = ClipDataModule(
+    sys.argv[1], tokenizer=get_tokenizer("openai", context_length=16),
+    train_transform=train_transform(32), val_transform=eval_transform(32), image_size=32,
+    batch_size=4, workers=0, seed=5, shuffle_buffer=1,
+)
+loader = dm.train_dataloader()
+pages = int(open("/proc/self/statm").read().split()[0])
+limit = pages * resource.getpagesize() + 300 * 2**20  # 300 MiB more than now
+resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+list(loader)
+print(f"trained on, {dm.bad_samples} bad sample(s)")
+"""
+
+
+@pytest.mark.slow  # a process importing torch and decoding a 144 Mpx image: over a minute
+def test_training_stops_on_memory_error_instead_of_counting_a_bad_sample(tmp_path):
+    """A 144 Mpx image let through by a raised pixel cap needs 432 MB as RGB: under a memory
+    limit its decode raises a real MemoryError, which must stop training, not be skipped."""
+    import os
+    import subprocess
+    import sys
+
+    from test_decode import png_bomb
+
+    samples = {**good(3), "huge": {"txt": b"a huge picture"}}
+    data = shard_dataset(tmp_path / "ds", [samples])
+    (Path(data) / "00000.tar").unlink()
+    with tarfile.open(Path(data) / "00000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, parts in samples.items():
+            image = png_bomb() if key == "huge" else _jpeg(len(key))
+            for ext, payload in {"png" if key == "huge" else "jpg": image, **parts}.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    entries = [describe_shard(data, "00000")]
+    (Path(data) / "manifest.json").unlink()
+    write_manifest(data, entries, stage="test")
+    env = {**os.environ, "CLIP_MAX_IMAGE_PIXELS": "200000000"}
+    proc = subprocess.run(
+        [sys.executable, "-c", OUT_OF_MEMORY, data], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode != 0 and "MemoryError" in proc.stderr, proc.stdout + proc.stderr[-2000:]
+    assert "replacing bad sample" not in proc.stderr
