@@ -74,7 +74,10 @@ def main() -> None:
     pq.write_table(good.select(["url", "caption"]), url_list)
     settings = {k: v for k, v in CRAWL_SETTINGS.items() if v is not None}
     params = CrawlParams(
-        **settings, processes_count=args.processes, thread_count=args.threads, samples_per_shard=500
+        **settings,
+        processes_count=args.processes,
+        thread_count=args.threads,
+        number_sample_per_shard=500,
     )
     print(
         f"{good.num_rows} URLs, {args.processes} processes x {args.threads} threads, {os.cpu_count()} cores"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import importlib
 import importlib.util
 import sys
@@ -69,7 +70,20 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with its errors as one `error: ...` line (no usage block) and exit status 2."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {message}{self._close_flags(message)} (see {self.prog} --help)\n")
+
+    def _close_flags(self, message: str) -> str:
+        """For an unknown flag, the known ones it was probably meant to be."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        flags = [f for f in self._option_string_actions if f.startswith("--")]
+        hints = [
+            f"{word} -> {' or '.join(close)}"
+            for word in message.split(":", 1)[1].split()
+            if word.startswith("--")
+            and (close := difflib.get_close_matches(word.split("=")[0], flags, n=2, cutoff=0.6))
+        ]
+        return f"; did you mean: {', '.join(hints)}?" if hints else ""
 
 
 def _options(field: FieldInfo) -> dict[str, Any]:

@@ -19,8 +19,10 @@ spawned workers inherit (docs/design.md, trap 13).
 from __future__ import annotations
 
 import importlib
+import inspect
 import io
 import json
+import os
 import signal
 import sys
 from typing import Any
@@ -57,11 +59,28 @@ class DecodingResizer(Resizer):
         return super().__call__(io.BytesIO(data), blurring_bbox_list)
 
 
+def connect_ray() -> None:
+    """img2dataset's `ray` distributor submits its tasks to whatever Ray this process is connected
+    to, and `ray.remote` would quietly start a private one if none is: connect to the cluster
+    RAY_ADDRESS names (how the ingest task hands its Ray to a subprocess crawl), else keep the Ray
+    this process already initialised, else start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
+
+
 def download(kwargs: dict[str, Any]) -> None:
     """`img2dataset.download(**kwargs)` decoding through DecodingResizer, in this process's main
     thread; the SIGINT handler img2dataset installs is put back afterwards."""
     # the module, not the `main` function img2dataset's __init__ exports under the same name
     img2dataset_main = importlib.import_module("img2dataset.main")
+    try:  # its own signature decides: an argument it does not take is named before any work
+        inspect.signature(img2dataset_main.download).bind(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"img2dataset.download refuses these arguments: {e}") from None
+    if kwargs.get("distributor") == "ray":
+        connect_ray()
     previous = signal.getsignal(signal.SIGINT)
     original = img2dataset_main.Resizer
     img2dataset_main.Resizer = DecodingResizer

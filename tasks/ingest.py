@@ -26,7 +26,7 @@ from prefect import get_run_logger, task
 from tqdm import tqdm
 
 from storage import Manifest, ShardEntry, describe_shard, write_manifest
-from storage.dataset import DatasetError
+from storage.dataset import DatasetError, shard_name
 from storage.fs import atomic_open, filesystem, join
 from tasks.ingest_report import (
     FAILURE_REASONS,
@@ -36,10 +36,11 @@ from tasks.ingest_report import (
     publish_report,
     reason_table,
 )
-from tasks.params.ingest import CrawlParams
+from tasks.params.ingest import RUN_ONLY_PARAMS, CrawlParams
 from tasks.url_list import (
     NETWORK_RETRIES,
     STAGING,
+    VERIFY_HASH_COL,
     UrlList,
     read_url_list,
     transient_failure,
@@ -66,8 +67,6 @@ __all__ = [
 ]
 
 CRAWL_DIR = f"{STAGING}/shards"  # img2dataset's output folder: every *.json there is a shard
-# how a crawl is run, not what it yields: a resumed crawl may change them
-RUN_ONLY_PARAMS = {"processes_count", "thread_count"}
 
 
 def crawl_identity(url_list_digest: str, params: CrawlParams) -> dict[str, Any]:
@@ -80,28 +79,22 @@ def crawl_identity(url_list_digest: str, params: CrawlParams) -> dict[str, Any]:
 
 
 def _img2dataset_kwargs(url_list: UrlList, staging: str, params: CrawlParams) -> dict[str, Any]:
-    return {
-        "url_list": url_list.staged,
-        "input_format": "parquet",
-        "url_col": "url",
-        "caption_col": "caption",
-        "save_additional_columns": params.keep_columns or None,
-        "output_folder": staging,
-        "output_format": "webdataset",
-        "image_size": params.image_size,
-        "resize_mode": params.resize_mode,
-        "min_image_size": params.min_image_size,
-        "max_aspect_ratio": params.max_aspect_ratio,
-        "timeout": params.timeout,
-        "retries": params.retries,
-        "processes_count": params.processes_count,
-        "thread_count": params.thread_count,
-        "number_sample_per_shard": params.samples_per_shard,
-        "encode_quality": params.encode_quality,
-        "disallowed_header_directives": params.disallowed_header_directives,
-        "incremental_mode": "incremental",
-        "enable_wandb": False,
-    }
+    """Every parameter under img2dataset's own name; the staged list's columns are `url`,
+    `caption` and the kept ones (and the hash to verify under its type's name, as img2dataset
+    renames it)."""
+    kwargs = params.img2dataset_kwargs()
+    kwargs.update(
+        url_list=url_list.staged,
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        output_folder=staging,
+        output_format="webdataset",
+        incremental_mode="incremental",
+    )
+    if params.verify_hash is not None:
+        kwargs["verify_hash"] = [VERIFY_HASH_COL, params.verify_hash[1]]
+    return kwargs
 
 
 def _finished_shards(staging: str) -> list[str]:
@@ -118,12 +111,23 @@ def _download_here(kwargs: dict[str, Any]) -> None:
     download(kwargs)
 
 
+def _subprocess_env(kwargs: dict[str, Any]) -> dict[str, str]:
+    """The crawl subprocess's environment: with the `ray` distributor, the address of the Ray this
+    process is connected to (tasks.crawl.connect_ray reads it), so both use the same cluster."""
+    env = dict(os.environ)
+    ray = sys.modules.get("ray")
+    if kwargs.get("distributor") == "ray" and ray is not None and ray.is_initialized():
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    return env
+
+
 def _download_in_subprocess(kwargs: dict[str, Any], logger) -> None:
     """img2dataset in a child process's main thread, its output streamed into our logs."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(kwargs, f)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tasks.crawl", f.name],
+        env=_subprocess_env(kwargs),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -154,7 +158,7 @@ def crawl(url_list: UrlList, output: str, params: CrawlParams) -> float:
     """
     logger = get_run_logger()
     staging = join(output, STAGING)
-    total = math.ceil(url_list.rows / params.samples_per_shard)
+    total = math.ceil(url_list.rows / params.number_sample_per_shard)
     shards_dir = join(output, CRAWL_DIR)
     kwargs = _img2dataset_kwargs(url_list, shards_dir, params)
     with atomic_open(join(staging, "img2dataset.json"), "wb") as f:  # a record of the call
@@ -224,8 +228,8 @@ def commit_shards(url_list: UrlList, output: str, params: CrawlParams) -> list[S
     """Check every finished shard against the staged URL list, then move it from the crawl
     folder into the dataset under its final name."""
     staging = join(output, CRAWL_DIR)
-    sps = params.samples_per_shard
-    expected = [f"{i:05d}" for i in range(math.ceil(url_list.rows / sps))]
+    sps = params.number_sample_per_shard
+    expected = [f"{i:0{params.oom_shard_count}d}" for i in range(math.ceil(url_list.rows / sps))]
     finished = set(_finished_shards(staging))
     missing = [n for n in expected if n not in finished]
     if missing:
@@ -238,19 +242,20 @@ def commit_shards(url_list: UrlList, output: str, params: CrawlParams) -> list[S
         staged = pq.read_table(f, columns=["url", "caption"])
     entries = []
     for index, name in enumerate(expected):
-        crawled, final = join(staging, f"{name}.parquet"), join(output, f"{name}.parquet")
+        final_name = shard_name(index)  # the dataset's names, whatever oom_shard_count says
+        crawled, final = join(staging, f"{name}.parquet"), join(output, f"{final_name}.parquet")
         here = crawled if fs.exists(filesystem(crawled)[1]) else final
         _check_shard(here, name, index, staged.slice(index * sps, sps), sps)
         for ext in ("parquet", "tar"):  # tar last: a shard counts once its tar is in place
             src, dst = (
                 filesystem(join(staging, f"{name}.{ext}"))[1],
-                filesystem(join(output, f"{name}.{ext}"))[1],
+                filesystem(join(output, f"{final_name}.{ext}"))[1],
             )
             if fs.exists(src):
                 fs.mv(src, dst)
             elif not fs.exists(dst):
                 raise DatasetError(f"{join(staging, name)}.{ext}: finished shard has no {ext}")
-        entries.append(describe_shard(output, name))
+        entries.append(describe_shard(output, final_name))
     return entries
 
 
@@ -267,7 +272,12 @@ def seal_dataset(
         output,
         shards,
         stage="ingest",
-        parameters={"url_list": url_list.source, **params.model_dump(mode="json")},
+        # what decides the output: the same crawl run by other processes or engines (RUN_ONLY_PARAMS)
+        # has the same digest
+        parameters={
+            "url_list": url_list.source,
+            **params.model_dump(mode="json", exclude=RUN_ONLY_PARAMS),
+        },
         input_digest=url_list.digest,
         stats=stats,
     )

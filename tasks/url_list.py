@@ -30,8 +30,10 @@ __all__ = [
     "NETWORK_RETRIES",
     "STAGING",
     "URL_LIST_FORMATS",
+    "VERIFY_HASH_COL",
     "UrlList",
     "read_url_list",
+    "staged_extra_columns",
     "transient_failure",
     "url_list_digest",
 ]
@@ -58,6 +60,17 @@ NETWORK_RETRIES = {
     "retry_delay_seconds": exponential_backoff(backoff_factor=10),
     "retry_condition_fn": transient_failure,
 }
+
+
+VERIFY_HASH_COL = "verify_hash"  # the staged list's column of hashes to verify (verify_hash)
+
+
+def staged_extra_columns(params: CrawlParams) -> list[str]:
+    """The URL list's columns staged besides url and caption, under their own names."""
+    extra = list(params.save_additional_columns or [])
+    if params.bbox_col is not None and params.bbox_col not in extra:
+        extra.append(params.bbox_col)
+    return extra
 
 
 class UrlList(BaseModel):
@@ -139,8 +152,10 @@ def read_url_list(
         "url": table.column(params.url_col).cast(pa.string()).fill_null(""),
         "caption": table.column(params.caption_col).cast(pa.string()).fill_null(""),
     }
-    for c in params.keep_columns:
+    for c in staged_extra_columns(params):
         columns[c] = table.column(c)
+    if params.verify_hash is not None:  # img2dataset reads it from the staged list by this name
+        columns[VERIFY_HASH_COL] = table.column(params.verify_hash[0]).cast(pa.string())
     staged = join(output, STAGING, "url_list.parquet")
     with atomic_open(staged, "wb") as f:
         pq.write_table(pa.table(columns), f)

@@ -78,7 +78,7 @@ def sample_crawl_params(**overrides):
     from tasks.sample_web import CRAWL_SETTINGS
 
     settings = {k: v for k, v in CRAWL_SETTINGS.items() if v is not None}
-    return CrawlParams(**{**settings, "keep_columns": ["expected"], **overrides})
+    return CrawlParams(**{**settings, "save_additional_columns": ["expected"], **overrides})
 
 
 @pytest.fixture(scope="session")
@@ -88,5 +88,7 @@ def crawled_sample(prefect_harness, session_mlflow, sample_url_list, tmp_path_fa
 
     out = tmp_path_factory.mktemp("crawl") / "dataset"
     return ingest(
-        url_list=sample_url_list, output=str(out), params=sample_crawl_params(samples_per_shard=500)
+        url_list=sample_url_list,
+        output=str(out),
+        params=sample_crawl_params(number_sample_per_shard=500),
     )

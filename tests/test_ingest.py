@@ -98,7 +98,7 @@ def test_rerun_of_a_finished_crawl_does_nothing(crawled_sample, sample_url_list)
     again = ingest(
         url_list=sample_url_list,
         output=crawled_sample.dataset,
-        params=sample_crawl_params(samples_per_shard=500),
+        params=sample_crawl_params(number_sample_per_shard=500),
     )
     assert (
         again.skipped
@@ -143,7 +143,7 @@ def test_bad_url_list_is_refused_and_writes_no_dataset(
         ingest(
             url_list=str(url_list),
             output=str(tmp_path / "out"),
-            params=sample_crawl_params(keep_columns=[], **flags),
+            params=sample_crawl_params(save_additional_columns=None, **flags),
         )
     assert not (tmp_path / "out" / "manifest.json").exists()
 
@@ -191,12 +191,12 @@ def test_output_on_a_file_is_refused(tmp_path):
 
 
 def _ingest_command(url_list: str, output: Path, per_shard: int) -> list[str]:
-    params = sample_crawl_params(samples_per_shard=per_shard)
+    params = sample_crawl_params(number_sample_per_shard=per_shard)
     return [
         sys.executable, "-m", "flows.ingest", "--url-list", url_list, "--output", str(output),
-        "--samples-per-shard", str(per_shard), "--timeout", str(params.timeout),
+        "--number-sample-per-shard", str(per_shard), "--timeout", str(params.timeout),
         "--min-image-size", str(params.min_image_size), "--max-aspect-ratio", str(params.max_aspect_ratio),
-        "--keep-columns", "expected", "--processes-count", "1", "--thread-count", "8",
+        "--save-additional-columns", "expected", "--processes-count", "1", "--thread-count", "8",
     ]  # fmt: skip
 
 
@@ -258,7 +258,7 @@ def test_crawl_off_the_main_thread_runs_img2dataset_in_a_subprocess(tmp_path, sa
     pq.write_table(pq.read_table(sample_url_list).slice(0, 20).select(["url", "caption"]), subset)
     staged = UrlList(source=str(subset), staged=str(subset), rows=20, digest="")
     kwargs = _img2dataset_kwargs(
-        staged, str(tmp_path / "shards"), sample_crawl_params(keep_columns=[])
+        staged, str(tmp_path / "shards"), sample_crawl_params(save_additional_columns=None)
     )
     errors: list[BaseException] = []
 
@@ -285,3 +285,71 @@ def test_only_transient_failures_are_retried():
     assert transient_failure(None, None, Failed(data=TimeoutError("read timed out")))
     assert not transient_failure(None, None, Failed(data=FileNotFoundError("urls.csv")))
     assert not transient_failure(None, None, Failed(data=ValueError("no column 'url'")))
+
+
+def test_crawl_parameters_are_img2dataset_s_own_names_and_defaults():
+    """Every argument of the installed img2dataset.download, under its name and with its default,
+    less the five the stage sets; the one default that differs is caption_col (documented)."""
+    import importlib
+    import inspect
+
+    from tasks.ingest import CrawlParams, UrlList, _img2dataset_kwargs
+    from tasks.params.ingest import RESERVED, img2dataset_arguments
+
+    signature = inspect.signature(importlib.import_module("img2dataset.main").download)
+    assert img2dataset_arguments() == tuple(signature.parameters)
+    fields = CrawlParams.model_fields
+    assert set(fields) == set(signature.parameters) - set(RESERVED)
+    differ = {
+        name: (field.get_default(call_default_factory=True), signature.parameters[name].default)
+        for name, field in fields.items()
+        if field.get_default(call_default_factory=True) != signature.parameters[name].default
+    }
+    assert differ == {"caption_col": ("caption", None)}
+    staged = UrlList(source="u.parquet", staged="u.parquet", rows=1, digest="")
+    signature.bind(**_img2dataset_kwargs(staged, "out", CrawlParams()))  # all of them, by name
+
+
+def test_unknown_img2dataset_arguments_are_refused_naming_the_close_ones(tmp_path):
+    from pydantic import ValidationError
+
+    from tasks.params.ingest import CrawlParams
+    from tasks.params.pipeline import ProfileError, load_profile
+
+    with pytest.raises(
+        ValidationError,
+        match=r"unknown img2dataset argument 'samples_per_shard'; did you mean "
+        r"number_sample_per_shard\? \(img2dataset.download's arguments: bbox_col, ",
+    ):
+        CrawlParams(samples_per_shard=10)
+    with pytest.raises(ValidationError, match="'output_format' is set by the ingest stage"):
+        CrawlParams(output_format="files")
+    with pytest.raises(ValidationError, match="Input should be 'multiprocessing' or 'ray'"):
+        CrawlParams(distributor="dask")
+    with pytest.raises(
+        ProfileError,
+        match=r"ingest.crawl: unknown img2dataset argument 'keep_columns' \(img2dataset",
+    ):
+        load_profile("micro", {"ingest.crawl.keep_columns": ["expected"]})
+    url_list = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}), url_list)
+    cli = subprocess.run(
+        [sys.executable, "-m", "flows.ingest", "--url-list", str(url_list), "--output",
+         str(tmp_path / "out"), "--samples-per-shard", "10"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert cli.returncode == 2 and cli.stderr.count("\n") == 1, cli.stderr
+    assert "--samples-per-shard -> --number-sample-per-shard" in cli.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_img2dataset_itself_refuses_an_argument_it_does_not_take(tmp_path):
+    """The last check, against the signature of the img2dataset that runs, before any work."""
+    from tasks.crawl import download
+
+    with pytest.raises(ValueError, match="unexpected keyword argument 'samples_per_shard'"):
+        download(
+            {"url_list": str(tmp_path / "u.parquet"), "output_folder": str(tmp_path / "out"),
+             "samples_per_shard": 10}
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()

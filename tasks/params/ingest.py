@@ -1,61 +1,186 @@
-"""Parameters of the `ingest` stage: what img2dataset is asked to do, and the URL list it reads."""
+"""Parameters of the `ingest` stage: img2dataset's own arguments, and the URL list it reads.
+
+`CrawlParams` holds every argument of `img2dataset.download` under img2dataset's own name and
+default (tests/test_ingest.py checks them against the installed signature), less the five the
+stage sets itself (`RESERVED`). One difference, with its reason: `caption_col` defaults to
+"caption" (img2dataset: None, no captions), since a CLIP dataset without captions is useless.
+An unknown name is refused before anything starts, naming it and img2dataset's closest names.
+"""
 
 from __future__ import annotations
 
+import ast
+import difflib
+import importlib.util
 import io
 import json
-from pathlib import PurePosixPath
-from typing import Literal
+from functools import cache
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
+    "RESERVED",
+    "RUN_ONLY_PARAMS",
     "URL_LIST_FORMATS",
     "CrawlParams",
     "IngestParams",
     "check_columns",
+    "img2dataset_arguments",
     "url_list_columns",
     "url_list_format",
 ]
 
 URL_LIST_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
 ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]
+Interpolation = Literal[
+    "nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"
+]
+
+# img2dataset.download's arguments the stage sets itself, and why
+RESERVED = {
+    "url_list": "the stage's --url-list (staged as Parquet for img2dataset)",
+    "output_folder": "the stage's --output",
+    "input_format": "read from the URL list's file names",
+    "output_format": "always webdataset: the project's dataset format",
+    "incremental_mode": "always incremental: a killed crawl resumes",
+}
+# how a crawl is run, not what it yields: recorded in MLflow, left out of the output's identity
+RUN_ONLY_PARAMS = {
+    "processes_count",
+    "thread_count",
+    "distributor",
+    "subjob_size",
+    "max_shard_retry",
+    "enable_wandb",
+    "wandb_project",
+}
+
+
+@cache
+def img2dataset_arguments() -> tuple[str, ...]:
+    """The names of the installed `img2dataset.download`'s arguments, read from its source (not
+    imported: importing img2dataset takes seconds and the command line must answer in less)."""
+    spec = importlib.util.find_spec("img2dataset")
+    if spec is None or not spec.submodule_search_locations:
+        return ()
+    source = Path(next(iter(spec.submodule_search_locations)), "main.py").read_text("utf-8")
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef) and node.name == "download":
+            return tuple(a.arg for a in node.args.args + node.args.kwonlyargs)
+    return ()
 
 
 class CrawlParams(BaseModel):
-    """What img2dataset is asked to do; recorded in the manifest and in MLflow."""
+    """img2dataset.download's arguments, its names and defaults; recorded in the manifest and in
+    MLflow."""
 
     model_config = ConfigDict(extra="forbid")
 
     url_col: str = Field("url", description="the URL list's column of image URLs")
-    caption_col: str = Field("caption", description="the URL list's column of captions")
-    keep_columns: list[str] = Field(
-        default_factory=list, description="extra URL-list columns kept in the shards' Parquet"
+    caption_col: str = Field(
+        "caption",
+        description="the URL list's column of captions (img2dataset's default is none: a CLIP "
+        "dataset needs captions)",
     )
-    image_size: int = Field(64, gt=0, description="side of the stored images, px")
-    resize_mode: ResizeMode = Field(
-        "center_crop", description="how images are brought to image_size (img2dataset's modes)"
+    save_additional_columns: list[str] | None = Field(
+        None, description="extra URL-list columns kept in the shards' Parquet"
+    )
+    bbox_col: str | None = Field(
+        None, description="a column of boxes to blur in each image (also kept in the Parquet)"
+    )
+    verify_hash: list[str] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="[column, md5|sha256|sha512]: refuse images whose hash differs",
+    )
+    image_size: int = Field(256, gt=0, description="side of the stored images, px")
+    resize_mode: ResizeMode = Field("border", description="how images are brought to image_size")
+    resize_only_if_bigger: bool = Field(False, description="never upscale")
+    upscale_interpolation: Interpolation = Field("lanczos", description="OpenCV interpolation")
+    downscale_interpolation: Interpolation = Field("area", description="OpenCV interpolation")
+    encode_quality: int = Field(95, ge=0, le=100, description="quality of stored images")
+    encode_format: Literal["jpg", "png", "webp"] = Field("jpg", description="stored image format")
+    skip_reencode: bool = Field(False, description="keep the original bytes when not resized")
+    disable_all_reencoding: bool = Field(
+        False, description="store the downloaded bytes as they are (no resize, no check)"
     )
     min_image_size: int = Field(0, ge=0, description="refuse images whose shorter side is smaller")
+    max_image_area: float = Field(float("inf"), gt=0, description="refuse larger images, px")
     max_aspect_ratio: float = Field(
         float("inf"), gt=0, description="refuse images more elongated than this"
     )
+    extract_exif: bool = Field(True, description="keep each image's EXIF in the Parquet")
+    compute_hash: Literal["md5", "sha256", "sha512"] | None = Field(
+        "sha256", description="hash of each image kept in the Parquet (curation dedups on sha256)"
+    )
     timeout: float = Field(10, gt=0, description="seconds per request")
     retries: int = Field(0, ge=0, description="retries of a failed download")
-    processes_count: int = Field(2, gt=0, description="download processes")
-    thread_count: int = Field(64, gt=0, description="download threads per process")
-    samples_per_shard: int = Field(1000, gt=0, description="samples per output shard")
-    encode_quality: int = Field(95, ge=1, le=100, description="JPEG quality of stored images")
-    disallowed_header_directives: list[str] = Field(
-        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
-        description="X-Robots-Tag directives that make a site's image off limits",
+    user_agent_token: str | None = Field(None, description="added to the crawler's User-Agent")
+    disallowed_header_directives: list[str] | None = Field(
+        None,
+        description="X-Robots-Tag directives that make an image off limits (default: noai, "
+        "noimageai, noindex, noimageindex; [] for none)",
     )
+    number_sample_per_shard: int = Field(10000, gt=0, description="samples per output shard")
+    oom_shard_count: int = Field(
+        5,
+        ge=1,
+        le=5,
+        description="digits of shard numbers in keys (the dataset names shards with 5)",
+    )
+    distributor: Literal["multiprocessing", "ray"] = Field(
+        "multiprocessing",
+        description="multiprocessing (local processes) or ray (an initialised Ray, or the "
+        "cluster RAY_ADDRESS names)",
+    )
+    processes_count: int = Field(1, gt=0, description="download processes (multiprocessing)")
+    thread_count: int = Field(256, gt=0, description="download threads per process or Ray task")
+    subjob_size: int = Field(1000, gt=0, description="shards per batch (pyspark only)")
+    max_shard_retry: int = Field(1, ge=0, description="reruns of a shard that failed whole")
+    enable_wandb: bool = Field(False, description="log img2dataset's own figures to W&B")
+    wandb_project: str = Field("img2dataset", description="the W&B project")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_arguments(cls, data: Any) -> Any:
+        """An unknown name is refused naming it and img2dataset's closest names; a name the
+        stage sets itself is refused saying so."""
+        if not isinstance(data, dict):
+            return data
+        own = set(cls.model_fields) | set(_stage_fields())
+        for name in data:
+            if name in own:
+                continue
+            if name in RESERVED:
+                raise ValueError(f"{name!r} is set by the ingest stage: {RESERVED[name]}")
+            known = sorted(set(img2dataset_arguments()) - set(RESERVED) | set(cls.model_fields))
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ValueError(
+                f"unknown img2dataset argument {name!r}{hint} (img2dataset.download's "
+                f"arguments: {', '.join(known)})"
+            )
+        return data
+
+    def img2dataset_kwargs(self) -> dict[str, Any]:
+        """These parameters as `img2dataset.download` keywords."""
+        return self.model_dump(include=set(CrawlParams.model_fields))
+
+
+def _stage_fields() -> tuple[str, ...]:
+    return ("url_list", "output", "force")
 
 
 class IngestParams(CrawlParams):
     """The `ingest` command line: a URL list, the dataset to write, and the crawl settings."""
 
-    url_list: str = Field(description="Parquet, CSV, TSV or JSONL; path or fsspec URL")
+    url_list: str = Field(
+        description="Parquet, CSV, TSV or JSONL: a file, a folder of them or a glob; path or "
+        "fsspec URL"
+    )
     output: str = Field(description="dataset folder or fsspec URL")
     force: bool = Field(
         False, description="replace whatever OUTPUT holds (another crawl, another list), recrawling"
@@ -122,7 +247,11 @@ def url_list_columns(path: str) -> list[str]:
 def check_columns(path: str, columns: list[str], params: CrawlParams) -> None:
     """ValueError naming the first column asked for (and its flag) that the URL list lacks."""
     wanted = [("--url-col", params.url_col), ("--caption-col", params.caption_col)]
-    wanted += [("--keep-columns", c) for c in params.keep_columns]
+    wanted += [("--save-additional-columns", c) for c in params.save_additional_columns or []]
+    if params.bbox_col is not None:
+        wanted.append(("--bbox-col", params.bbox_col))
+    if params.verify_hash is not None:
+        wanted.append(("--verify-hash", params.verify_hash[0]))
     for flag, column in wanted:
         if column not in columns:
             raise ValueError(

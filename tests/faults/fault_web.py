@@ -79,9 +79,10 @@ def crawl_params(**overrides):
 
     settings = dict(
         image_size=32,
+        resize_mode="center_crop",
         processes_count=1,
         thread_count=4,
-        samples_per_shard=10,
+        number_sample_per_shard=10,
         timeout=5,
         retries=0,
     )
@@ -91,8 +92,8 @@ def crawl_params(**overrides):
 def ingest_command(url_list: Path, output: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "flows.ingest", "--url-list", str(url_list), "--output", str(output),
-        "--image-size", "32", "--processes-count", "1", "--thread-count", "4",
-        "--samples-per-shard", "10", "--timeout", "5", *extra,
+        "--image-size", "32", "--resize-mode", "center_crop", "--processes-count", "1", "--thread-count", "4",
+        "--number-sample-per-shard", "10", "--timeout", "5", *extra,
     ]  # fmt: skip
 
 

@@ -329,10 +329,11 @@ def crawled(prefect_harness, session_mlflow, web, tmp_path_factory):
     out = tmp_path_factory.mktemp("crawl") / "dataset"
     params = CrawlParams(
         image_size=32,
+        resize_mode="center_crop",
         processes_count=1,
         thread_count=4,
-        samples_per_shard=100,
-        keep_columns=["name"],
+        number_sample_per_shard=100,
+        save_additional_columns=["name"],
     )
     return ingest(url_list=web.url_list, output=str(out), params=params)
 
