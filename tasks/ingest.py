@@ -43,6 +43,7 @@ from tasks.url_list import (
     VERIFY_HASH_COL,
     UrlList,
     read_url_list,
+    staged_shards,
     transient_failure,
     url_list_digest,
 )
@@ -238,14 +239,13 @@ def commit_shards(url_list: UrlList, output: str, params: CrawlParams) -> list[S
             "rerun the same command to resume"
         )
     fs, _ = filesystem(output)
-    with fs.open(filesystem(url_list.staged)[1], "rb") as f:
-        staged = pq.read_table(f, columns=["url", "caption"])
     entries = []
-    for index, name in enumerate(expected):
+    slices = staged_shards(url_list.staged, sps)  # streamed: one staged part in memory at most
+    for index, (name, expected_rows) in enumerate(zip(expected, slices, strict=True)):
         final_name = shard_name(index)  # the dataset's names, whatever oom_shard_count says
         crawled, final = join(staging, f"{name}.parquet"), join(output, f"{final_name}.parquet")
         here = crawled if fs.exists(filesystem(crawled)[1]) else final
-        _check_shard(here, name, index, staged.slice(index * sps, sps), sps)
+        _check_shard(here, name, index, expected_rows, sps)
         for ext in ("parquet", "tar"):  # tar last: a shard counts once its tar is in place
             src, dst = (
                 filesystem(join(staging, f"{name}.{ext}"))[1],

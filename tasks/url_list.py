@@ -8,20 +8,27 @@ raised at once and never retried.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
+import posixpath
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.json as pajson
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
 from storage.fs import atomic_open, filesystem, join
-from tasks.params.ingest import URL_LIST_FORMATS, check_columns, url_list_format
+from tasks.params.ingest import (
+    URL_LIST_FORMATS,
+    UrlListFiles,
+    check_columns,
+    url_list_files,
+)
 
 if TYPE_CHECKING:
     from tasks.ingest import CrawlParams
@@ -32,8 +39,11 @@ __all__ = [
     "URL_LIST_FORMATS",
     "VERIFY_HASH_COL",
     "UrlList",
+    "list_digest",
     "read_url_list",
+    "stage_url_list",
     "staged_extra_columns",
+    "staged_shards",
     "transient_failure",
     "url_list_digest",
 ]
@@ -92,71 +102,206 @@ def _check_writable(output: str) -> None:
         raise PermissionError(f"output {output!r} is not writable ({e})") from e
 
 
-def _read_bytes(path: str) -> bytes:
-    """The URL list's bytes. I/O errors stay OSErrors, so a reset connection or an object store
-    timing out is retried (NETWORK_RETRIES); a missing file is named and fails at once."""
-    fs, p = filesystem(path)
-    if not fs.exists(p):
-        raise FileNotFoundError(f"URL list {path!r}: no such file")
-    with fs.open(p, "rb") as f:
-        return f.read()
+READ_BATCH_ROWS = 1 << 16  # rows decoded at a time from the URL list
+PART_ROWS = 1 << 18  # about this many rows per staged part (a whole number of shards)
 
 
-def _parse_table(data: bytes, kind: str, path: str) -> pa.Table:
-    """Parse bytes already in memory: any failure here is the file's content, never I/O."""
-    if not data.strip():
-        raise ValueError(f"URL list {path!r} is empty")
+def _sha256_stream(fs, path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def list_digest(files: UrlListFiles) -> str:
+    """sha256 of one file's bytes; of a folder or glob, of each file's name (below the list's
+    root) and sha256, in order. Read in chunks: never the whole list in memory. I/O errors stay
+    OSErrors (retried); a file that vanished is named."""
+    fs = files.fs
     try:
-        if kind == "parquet":
-            return pq.read_table(io.BytesIO(data))
-        if kind == "jsonl":
-            return pajson.read_json(io.BytesIO(data))
-        delimiter = "\t" if kind == "tsv" else ","
-        return pacsv.read_csv(
-            io.BytesIO(data),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter),
-            convert_options=pacsv.ConvertOptions(strings_can_be_null=False),
-        )
-    except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"URL list {path!r}: unreadable as {kind} ({e})") from e
+        if len(files.paths) == 1 and files.paths[0] == filesystem(files.source)[1]:
+            return "sha256:" + _sha256_stream(fs, files.paths[0])
+        h = hashlib.sha256()
+        root = _common_root(files.paths)
+        for path in files.paths:
+            h.update(f"{path[len(root) :]}\0{_sha256_stream(fs, path)}\n".encode())
+        return "sha256:" + h.hexdigest()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"URL list {files.source!r}: a file vanished ({e})") from e
+
+
+def _common_root(paths: list[str]) -> str:
+    if len(paths) == 1:
+        return paths[0].rsplit("/", 1)[0] + "/"
+    prefix = posixpath.commonpath(paths)
+    return prefix.rstrip("/") + "/"
+
+
+def _file_format(kind: str, params: CrawlParams) -> ds.FileFormat:
+    """How pyarrow.dataset reads one kind of list; URLs and captions always as text."""
+    if kind == "parquet":
+        return ds.ParquetFileFormat()
+    if kind == "jsonl":
+        return ds.JsonFileFormat()
+    text = {params.url_col: pa.string(), params.caption_col: pa.string()}
+    return ds.CsvFileFormat(
+        parse_options=pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ","),
+        convert_options=pacsv.ConvertOptions(strings_can_be_null=False, column_types=text),
+    )
+
+
+def _staged_batches(files: UrlListFiles, params: CrawlParams) -> Iterator[pa.RecordBatch]:
+    """The URL list's rows as staged batches (url, caption, kept columns, the hash to verify),
+    one file after the other, READ_BATCH_ROWS at a time. Content errors are ValueErrors naming
+    the file; I/O errors stay OSErrors."""
+    fmt = _file_format(files.kind, params)
+    extra = staged_extra_columns(params)
+    wanted = [params.url_col, params.caption_col, *extra]
+    if params.verify_hash is not None:
+        wanted.append(params.verify_hash[0])
+    schema = None
+    for path, name in zip(files.paths, files.names, strict=True):
+        try:
+            dataset = ds.dataset(path, format=fmt, filesystem=files.fs)
+            check_columns(name, dataset.schema.names, params)  # every file, the CLI's words
+            scanner = dataset.scanner(
+                columns=list(dict.fromkeys(wanted)),
+                batch_size=READ_BATCH_ROWS,
+                batch_readahead=2,
+                fragment_readahead=1,
+            )
+            for batch in scanner.to_batches():
+                if batch.num_rows == 0:
+                    continue
+                columns = {
+                    "url": batch.column(params.url_col).cast(pa.string()).fill_null(""),
+                    "caption": batch.column(params.caption_col).cast(pa.string()).fill_null(""),
+                }
+                for c in extra:
+                    columns[c] = batch.column(c)
+                if params.verify_hash is not None:  # img2dataset reads it by this name
+                    columns[VERIFY_HASH_COL] = batch.column(params.verify_hash[0]).cast(pa.string())
+                out = pa.RecordBatch.from_pydict(columns)
+                if schema is None:
+                    schema = out.schema
+                elif out.schema != schema:  # the first file's types decide
+                    out = out.cast(schema)
+                yield out
+        except OSError:
+            raise  # I/O, retried (NETWORK_RETRIES); pyarrow's own I/O errors are OSErrors too
+        except (pa.ArrowException, ValueError) as e:
+            if isinstance(e, ValueError) and str(e).startswith("URL list"):
+                raise
+            raise ValueError(f"URL list {name!r}: unreadable as {files.kind} ({e})") from e
+
+
+class _PartWriter:
+    """Staged parts of `rows_per_part` rows (a whole number of shards, so img2dataset's shards,
+    numbered on across files, are the same as for one file), each written atomically."""
+
+    def __init__(self, folder: str, rows_per_part: int):
+        self.folder, self.rows_per_part = folder, rows_per_part
+        self.parts = 0
+        self.rows = 0
+        self._stack = contextlib.ExitStack()
+        self._writer: pq.ParquetWriter | None = None
+        self._in_part = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        while batch.num_rows:
+            if self._writer is None:
+                f = self._stack.enter_context(
+                    atomic_open(join(self.folder, f"part-{self.parts:05d}.parquet"), "wb")
+                )
+                self._writer = self._stack.enter_context(pq.ParquetWriter(f, batch.schema))
+            take = min(batch.num_rows, self.rows_per_part - self._in_part)
+            self._writer.write_batch(batch.slice(0, take))
+            self._in_part += take
+            self.rows += take
+            batch = batch.slice(take)
+            if self._in_part == self.rows_per_part:
+                self._close_part()
+
+    def _close_part(self) -> None:
+        self._stack.close()  # closes the writer, then renames the part into place
+        self._writer, self._in_part = None, 0
+        self.parts += 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._close_part()
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
+def stage_url_list(files: UrlListFiles, staged: str, params: CrawlParams) -> int:
+    """Stage the URL list into the folder `staged` as Parquet parts, streaming: memory is bounded
+    by READ_BATCH_ROWS and the Parquet writer's buffers, not by the list. Returns the rows."""
+    fs, folder = filesystem(staged)
+    if fs.exists(folder):  # an earlier, interrupted staging of this very list
+        fs.rm(folder, recursive=True)
+    fs.makedirs(folder, exist_ok=True)
+    sps = params.number_sample_per_shard
+    writer = _PartWriter(staged, sps * max(1, PART_ROWS // sps))
+    try:
+        for batch in _staged_batches(files, params):
+            writer.write(batch)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.rows
+
+
+def staged_shards(staged: str, samples_per_shard: int) -> Iterator[pa.Table]:
+    """The staged list's url and caption, `samples_per_shard` rows at a time, in order (shard 0,
+    1, ...): one part in memory at most. `staged`: the staged folder, or a single Parquet file."""
+    fs, root = filesystem(staged)
+    parts = sorted(fs.glob(f"{root}/*.parquet")) if fs.isdir(root) else [root]
+    pending: list[pa.Table] = []
+    count = 0
+    for part in parts:
+        with fs.open(part, "rb") as f:
+            table = pq.read_table(f, columns=["url", "caption"])
+        while table.num_rows:
+            take = min(table.num_rows, samples_per_shard - count)
+            pending.append(table.slice(0, take))
+            count += take
+            table = table.slice(take)
+            if count == samples_per_shard:
+                yield pa.concat_tables(pending)
+                pending, count = [], 0
+    if count:
+        yield pa.concat_tables(pending)
 
 
 @task(name="url-list-digest", **NETWORK_RETRIES)
 def url_list_digest(path: str) -> str:
     """The URL list's sha256: with the crawl parameters, the identity its output is bound to."""
-    url_list_format(path)  # an unsupported file type fails before anything is read
-    return "sha256:" + hashlib.sha256(_read_bytes(path)).hexdigest()
+    return list_digest(url_list_files(path))
 
 
 @task(name="read-url-list", **NETWORK_RETRIES)
 def read_url_list(
     path: str, output: str, params: CrawlParams, digest: str | None = None
 ) -> UrlList:
-    """Validate the URL list and stage it as Parquet (url, caption, kept columns) for img2dataset.
+    """Validate the URL list (a file, a folder or a glob) and stage it, streaming, as Parquet
+    parts (url, caption, kept columns) for img2dataset.
 
     `digest`: the sha256 the run was bound to; a list that changed since is refused."""
     _check_writable(output)
-    kind = url_list_format(path)
-    data = _read_bytes(path)
-    read_digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    files = url_list_files(path)
+    staged = join(output, STAGING, "url_list")
+    rows = stage_url_list(files, staged, params)
+    if rows == 0:
+        raise ValueError(f"URL list {path!r} has no rows")
+    read_digest = list_digest(files)  # after staging: what was staged is what is bound
     if digest is not None and read_digest != digest:
         raise ValueError(
             f"URL list {path!r} changed while the crawl started ({digest[:19]} then "
             f"{read_digest[:19]}); rerun once it is no longer being written"
         )
-    table = _parse_table(data, kind, path)
-    check_columns(path, table.column_names, params)  # the command line's check, the same words
-    if table.num_rows == 0:
-        raise ValueError(f"URL list {path!r} has no rows")
-    columns = {
-        "url": table.column(params.url_col).cast(pa.string()).fill_null(""),
-        "caption": table.column(params.caption_col).cast(pa.string()).fill_null(""),
-    }
-    for c in staged_extra_columns(params):
-        columns[c] = table.column(c)
-    if params.verify_hash is not None:  # img2dataset reads it from the staged list by this name
-        columns[VERIFY_HASH_COL] = table.column(params.verify_hash[0]).cast(pa.string())
-    staged = join(output, STAGING, "url_list.parquet")
-    with atomic_open(staged, "wb") as f:
-        pq.write_table(pa.table(columns), f)
-    return UrlList(source=path, staged=staged, rows=table.num_rows, digest=read_digest)
+    return UrlList(source=path, staged=staged, rows=rows, digest=read_digest)

@@ -353,3 +353,113 @@ def test_img2dataset_itself_refuses_an_argument_it_does_not_take(tmp_path):
              "samples_per_shard": 10}
         )  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def _write_parts(folder: Path, table: pa.Table, sizes: list[int], kind: str = "parquet") -> None:
+    folder.mkdir(parents=True)
+    start = 0
+    for i, size in enumerate(sizes):
+        part = table.slice(start, size)
+        if kind == "parquet":
+            pq.write_table(part, folder / f"part-{i}.parquet")
+        else:
+            import pyarrow.csv as pacsv
+
+            pacsv.write_csv(part, folder / f"part-{i}.csv")
+        start += size
+    (folder / "_SUCCESS").write_text("")  # what Spark leaves beside its parts: skipped
+
+
+def test_url_list_folders_and_globs_stage_like_one_file(tmp_path, monkeypatch):
+    """A folder or a glob of parts (any sizes) is staged, streaming, in parts of whole shards: the
+    same rows, in the same shards, as the same list in one file; the digest covers every part."""
+    import tasks.url_list
+    from tasks.ingest import CrawlParams, read_url_list
+    from tasks.url_list import staged_shards
+
+    monkeypatch.setattr(tasks.url_list, "READ_BATCH_ROWS", 7)  # many batches per part
+    monkeypatch.setattr(tasks.url_list, "PART_ROWS", 40)  # several staged parts
+    n = 130
+    table = pa.table(
+        {"url": [f"http://127.0.0.1:9/{i}.jpg" for i in range(n)],
+         "caption": [f"caption {i}" for i in range(n)], "n": list(range(n))}
+    )  # fmt: skip
+    pq.write_table(table, tmp_path / "one.parquet")
+    _write_parts(tmp_path / "parts", table, [33, 1, 60, 36])
+    _write_parts(tmp_path / "csv", table, [50, 80], kind="csv")
+    params = CrawlParams(number_sample_per_shard=20, save_additional_columns=["n"])
+    staged = {
+        name: read_url_list.fn(str(tmp_path / name), str(tmp_path / f"out-{i}"), params)
+        for i, name in enumerate(["one.parquet", "parts", "parts/part-*.parquet", "csv"])
+    }
+    want = [table.slice(s, 20).select(["url", "caption"]) for s in range(0, n, 20)]
+    for name, url_list in staged.items():
+        assert url_list.rows == n, name
+        parts = sorted(Path(url_list.staged).glob("*.parquet"))
+        assert [pq.read_metadata(p).num_rows for p in parts] == [40, 40, 40, 10], name
+        shards = list(staged_shards(url_list.staged, 20))
+        assert [s.to_pylist() for s in shards] == [w.to_pylist() for w in want], name
+        kept = pq.read_table(url_list.staged).column("n").to_pylist()
+        assert kept == list(range(n)), name
+    assert staged["parts"].digest == staged["parts/part-*.parquet"].digest
+    assert len({staged[k].digest for k in ("one.parquet", "parts", "csv")}) == 3
+    before = staged["parts"].digest
+    pq.write_table(table.slice(33, 1).set_column(0, "url", pa.array(["http://x/y"])),
+                   tmp_path / "parts" / "part-1.parquet")  # fmt: skip
+    assert read_url_list.fn(str(tmp_path / "parts"), str(tmp_path / "o"), params).digest != before
+
+
+def test_url_list_folder_problems_are_named(tmp_path):
+    from tasks.ingest import CrawlParams, read_url_list
+
+    params = CrawlParams()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="'.*empty' is a folder with no .parquet, .csv"):
+        read_url_list.fn(str(tmp_path / "empty"), str(tmp_path / "o1"), params)
+    with pytest.raises(FileNotFoundError, match=r"'.*/nothing-\*.csv': no file matches"):
+        read_url_list.fn(str(tmp_path / "nothing-*.csv"), str(tmp_path / "o2"), params)
+    mixed = tmp_path / "mixed"
+    _write_parts(mixed, pa.table({"url": ["http://x/a"], "caption": ["a"]}), [1])
+    (mixed / "more.csv").write_text("url,caption\nhttp://x/b,b\n")
+    with pytest.raises(ValueError, match=r"mixes file types: csv \(.*more.csv\), parquet"):
+        read_url_list.fn(str(mixed), str(tmp_path / "o3"), params)
+    lacking = tmp_path / "lacking"
+    _write_parts(
+        lacking, pa.table({"url": ["http://x/a", "http://x/b"], "caption": ["a", "b"]}), [1, 1]
+    )
+    pq.write_table(pa.table({"url": ["http://x/c"], "text": ["c"]}), lacking / "part-2.parquet")
+    with pytest.raises(
+        ValueError, match=r"part-2.parquet' has no column 'caption' \(--caption-col\)"
+    ):
+        read_url_list.fn(str(lacking), str(tmp_path / "o4"), params)
+
+
+@pytest.mark.slow
+def test_a_folder_of_parts_is_crawled_over_loopback(
+    tmp_path, sample_url_list, prefect_harness, mlflow_tmp, monkeypatch
+):
+    """img2dataset crawls the staged parts as one list: every row accounted for in its shard,
+    each shard checked against the staged list (several staged parts, shards across them)."""
+    import tasks.url_list
+    from flows.ingest import ingest
+
+    monkeypatch.setattr(tasks.url_list, "PART_ROWS", 100)  # staged in 3 parts of 2 shards
+    subset = pq.read_table(sample_url_list).slice(0, 250)
+    _write_parts(tmp_path / "urls", subset, [90, 90, 70])
+    result = ingest(
+        url_list=str(tmp_path / "urls"),
+        output=str(tmp_path / "out"),
+        params=sample_crawl_params(number_sample_per_shard=50, thread_count=16),
+    )
+    ds = open_dataset(result.dataset, verify=True)
+    assert len(ds.manifest.shards) == 5 and result.rows == 250 == sum(result.reasons.values())
+    meta = ds.metadata(columns=["url", "expected", "status"])
+    assert sorted(meta.column("url").to_pylist()) == sorted(subset.column("url").to_pylist())
+    want = Counter(
+        "success" if OUTCOMES[label][0] == "success" else "failed"
+        for label in subset.column("expected").to_pylist()
+    )
+    got = Counter(
+        "success" if s == "success" else "failed" for s in meta.column("status").to_pylist()
+    )
+    assert got == want

@@ -26,9 +26,11 @@ __all__ = [
     "URL_LIST_FORMATS",
     "CrawlParams",
     "IngestParams",
+    "UrlListFiles",
     "check_columns",
     "img2dataset_arguments",
     "url_list_columns",
+    "url_list_files",
     "url_list_format",
 ]
 
@@ -206,32 +208,87 @@ def url_list_format(path: str) -> str:
     return kind
 
 
+class UrlListFiles(BaseModel):
+    """The files a URL list is made of (one file, a folder's files or a glob's), in order."""
+
+    source: str
+    kind: str
+    paths: list[str]  # inside `fs`, sorted
+    names: list[str]  # as the user would name each file (for messages and the digest)
+
+    @property
+    def fs(self):
+        from storage.fs import filesystem
+
+        return filesystem(self.source)[0]
+
+
+def _is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def url_list_files(path: str) -> UrlListFiles:
+    """The files of the URL list `path`: a Parquet/CSV/TSV/JSONL file, a folder of them (hidden
+    and `_`-prefixed files such as `_SUCCESS` skipped) or a glob; local or fsspec. One kind of
+    file per list. FileNotFoundError when nothing is there, ValueError for other file types."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from storage.fs import filesystem
+
+    fs, root = filesystem(path)
+
+    def name(p: str) -> str:
+        return p if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(p)
+
+    if _is_glob(root):
+        found = sorted(p for p in fs.glob(root) if not fs.isdir(p))
+        if not found:
+            raise FileNotFoundError(f"URL list {path!r}: no file matches")
+    elif fs.isdir(root):
+        found = sorted(
+            p
+            for p in fs.find(root)
+            if not PurePosixPath(p).name.startswith((".", "_"))
+            and PurePosixPath(p).suffix.lower() in URL_LIST_FORMATS
+        )
+        if not found:
+            raise FileNotFoundError(
+                f"URL list {path!r} is a folder with no {', '.join(URL_LIST_FORMATS)} file"
+            )
+    elif fs.exists(root):
+        found = [root]
+    else:
+        raise FileNotFoundError(f"URL list {path!r}: no such file")
+    kinds = {p: url_list_format(name(p)) for p in found}  # a foreign type is named
+    if len(set(kinds.values())) > 1:
+        example = {k: name(p) for p, k in sorted(kinds.items(), reverse=True)}  # the first of each
+        listed = ", ".join(f"{k} ({n})" for k, n in sorted(example.items()))
+        raise ValueError(f"URL list {path!r} mixes file types: {listed}; one type per list")
+    return UrlListFiles(
+        source=path, kind=kinds[found[0]], paths=found, names=[name(p) for p in found]
+    )
+
+
 def url_list_columns(path: str) -> list[str]:
-    """The column names of a URL list, read from its header or schema only (not its rows)."""
+    """The column names of a URL list (its first file's), read from the header or schema only."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from storage.fs import filesystem
-
-    kind = url_list_format(path)
-    fs, p = filesystem(path)
-    if not fs.exists(p):
-        raise FileNotFoundError(f"URL list {path!r}: no such file")
-    if fs.isdir(p):
-        raise IsADirectoryError(f"URL list {path!r} is a folder; expected a {kind} file")
+    files = url_list_files(path)
+    fs, p, name, kind = files.fs, files.paths[0], files.names[0], files.kind
     try:
         with fs.open(p, "rb") as f:
             if kind == "parquet":
                 return pq.read_schema(f).names
             head = f.read(1 << 20)
         if not head.strip():
-            raise ValueError(f"URL list {path!r} is empty")
+            raise ValueError(f"URL list {name!r} is empty")
         if kind == "jsonl":
             first = next(line for line in head.splitlines() if line.strip())
             row = json.loads(first)
             if not isinstance(row, dict):
-                raise ValueError(f"URL list {path!r}: expected one JSON object per line")
+                raise ValueError(f"URL list {name!r}: expected one JSON object per line")
             return list(row)
         if len(head) == 1 << 20:  # only whole lines: a cut row would look malformed
             head = head[: head.rfind(b"\n") + 1] or head
@@ -241,7 +298,7 @@ def url_list_columns(path: str) -> list[str]:
         )
         return reader.schema.names
     except (pa.ArrowInvalid, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"URL list {path!r}: unreadable as {kind} ({e})") from e
+        raise ValueError(f"URL list {name!r}: unreadable as {kind} ({e})") from e
 
 
 def check_columns(path: str, columns: list[str], params: CrawlParams) -> None:
