@@ -1,6 +1,11 @@
 """The `ingest` flow: crawl a URL list with img2dataset into a dataset (shards + Parquet + manifest).
 
     python -m flows.ingest --url-list urls.parquet --output data/crawl --image-size 64
+    python -m flows.ingest --url-list 's3://bucket/laion/*.parquet' --output s3://bucket/crawl \
+        --distributor ray --number-sample-per-shard 10000
+
+The URL list is a file, a folder or a glob of Parquet/CSV/TSV/JSONL files, read in batches. Every
+other flag is an argument of img2dataset.download, under its own name and with its own default.
 
 Every input row is accounted for: successes plus each failure reason equal the input rows, shown
 as a table (printed, and as a Prefect artifact), logged to MLflow, and kept per row in the shards'
