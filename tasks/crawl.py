@@ -25,9 +25,15 @@ import json
 import os
 import signal
 import sys
+import tarfile
+import tempfile
 from typing import Any
 
+import fsspec
+import pyarrow.parquet as pq
+import webdataset as wds
 from img2dataset.resizer import Resizer
+from img2dataset.writer import WebDatasetSampleWriter
 
 from clip_model.images import ImageDecodeError, decode_image, image_header, orientation
 
@@ -59,6 +65,46 @@ class DecodingResizer(Resizer):
         return super().__call__(io.BytesIO(data), blurring_bbox_list)
 
 
+class OrderedShardWriter(WebDatasetSampleWriter):
+    """img2dataset's WebDataset writer, with shards whose bytes depend only on what was crawled.
+
+    img2dataset writes each sample as its download finishes, with the write time in every tar
+    member, so no two crawls of one list give the same shard (nor the same dataset digest).
+    This writer spools the tar locally with a fixed member time, then writes it out in key order
+    at close, and the shard's Parquet likewise: the same list and parameters give the same digest
+    whatever the distributor, processes or threads. The extra local copy costs one read and write
+    of each shard in the worker that crawled it, in parallel with the other workers."""
+
+    def __init__(
+        self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format
+    ):
+        super().__init__(
+            shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format
+        )
+        self.parquet_url = f"{output_folder}/{shard_id:0{oom_shard_count}d}.parquet"
+        self.spool = tempfile.TemporaryFile(prefix="clip-shard-")
+        self.tarwriter = wds.TarWriter(self.spool, mtime=0)
+
+    def close(self):
+        self.buffered_parquet_writer.close()
+        self.tarwriter.close()  # the spool stays open: TarWriter does not own it
+        self.spool.seek(0)
+        with (
+            tarfile.open(fileobj=self.spool, mode="r:") as spooled,
+            tarfile.open(fileobj=self.tar_fd, mode="w|") as tar,
+        ):
+            # KEY.jpg, KEY.json, KEY.txt: keys have one width, so names sort in key order
+            for member in sorted(spooled.getmembers(), key=lambda m: m.name):
+                tar.addfile(member, spooled.extractfile(member))
+        self.tar_fd.close()
+        self.spool.close()
+        fs, path = fsspec.core.url_to_fs(self.parquet_url)
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        with fs.open(path, "wb") as f:
+            pq.write_table(table.sort_by("key"), f)
+
+
 def connect_ray() -> None:
     """img2dataset's `ray` distributor submits its tasks to whatever Ray this process is connected
     to, and `ray.remote` would quietly start a private one if none is: connect to the cluster
@@ -84,10 +130,12 @@ def download(kwargs: dict[str, Any]) -> None:
     previous = signal.getsignal(signal.SIGINT)
     original = img2dataset_main.Resizer
     img2dataset_main.Resizer = DecodingResizer
+    img2dataset_main.WebDatasetSampleWriter = OrderedShardWriter
     try:
         img2dataset_main.download(**kwargs)
     finally:
         img2dataset_main.Resizer = original
+        img2dataset_main.WebDatasetSampleWriter = WebDatasetSampleWriter
         signal.signal(signal.SIGINT, previous)
 
 

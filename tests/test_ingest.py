@@ -463,3 +463,40 @@ def test_a_folder_of_parts_is_crawled_over_loopback(
         "success" if s == "success" else "failed" for s in meta.column("status").to_pylist()
     )
     assert got == want
+
+
+@pytest.mark.slow
+def test_ray_distributor_gives_the_multiprocessing_digest(
+    tmp_path, sample_url_list, prefect_harness, mlflow_tmp
+):
+    """The same list crawled by local processes and by img2dataset's `ray` distributor on a local
+    Ray (started here, as img2dataset expects: initialised before `download`) gives the same
+    dataset digest, every row accounted for and the crawl logged to MLflow."""
+    import pyarrow.compute as pc
+    import ray
+
+    from flows.ingest import ingest
+
+    full = pq.read_table(sample_url_list)
+    # rows whose outcome does not depend on timing (no slow endpoint): the digests must agree
+    steady = full.filter(pc.invert(pc.equal(full["expected"], "slow"))).slice(0, 150)
+    url_list = tmp_path / "urls.parquet"
+    pq.write_table(steady, url_list)
+
+    def crawl(name: str, **settings):
+        params = sample_crawl_params(number_sample_per_shard=40, timeout=10, **settings)
+        return ingest(url_list=str(url_list), output=str(tmp_path / name), params=params)
+
+    local = crawl("local", distributor="multiprocessing", processes_count=2, thread_count=4)
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        on_ray = crawl("ray", distributor="ray", thread_count=16)
+    finally:
+        ray.shutdown()
+    assert on_ray.digest == local.digest
+    assert on_ray.reasons == local.reasons and sum(on_ray.reasons.values()) == 150
+    ds = open_dataset(on_ray.dataset, verify=True)
+    assert len(ds.manifest.shards) == 4 and ds.manifest.total_samples == on_ray.samples
+    run = mlflow.MlflowClient(tracking_uri()).get_run(on_ray.mlflow_run_id)
+    assert run.data.params["distributor"] == "ray"
+    assert run.data.metrics["count_success"] == on_ray.reasons["success"]
