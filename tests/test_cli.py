@@ -166,7 +166,7 @@ def test_help_lists_every_flag_with_its_default(tmp_path):
     p = run_cli("flows.ingest", "--help", cwd=tmp_path)
     assert p.returncode == 0 and p.stderr == ""
     assert "--resize-mode {no,border,keep_ratio,keep_ratio_largest,center_crop}" in p.stdout
-    assert "(default: center_crop)" in p.stdout and "samples per output shard" in p.stdout
+    assert "(default: border)" in p.stdout and "samples per output shard" in p.stdout
 
 
 # ---- nothing heavy before the input is known good --------------------------------------------------
