@@ -267,41 +267,42 @@ class ClipLightningModule(L.LightningModule):
     def _accumulating_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """OpenCLIP's `--accum-freq`: the loss of one optimizer step sees all its micro-batches.
 
-        Each micro-batch is first encoded without a graph and its features kept. On the last one
-        (or an epoch's last batch), each micro-batch in turn is encoded again with a graph and the
-        loss computed over the whole batch: its own fresh features in their place, the kept ones
-        for the others (as negatives, no gradient). Each backward adds the gradient through that
-        micro-batch's features, so their sum is the gradient of the full-batch loss, while only
-        one micro-batch's activations are alive at a time. The temperature's own gradient is
-        taken once (the last pass), not once per micro-batch. Under DDP the first passes
-        accumulate locally (no_sync) and the last one all-reduces.
+        Each micro-batch is first encoded without a graph and its features kept. The one that
+        closes the step (the accum_freq-th, or an epoch's last batch) is encoded once, with its
+        graph, kept for the end. Each earlier micro-batch is then encoded again with a graph and
+        the loss computed over the whole batch: its fresh features in their place, the kept ones
+        for the others (as negatives, no gradient); the closing micro-batch's loss comes last.
+        Each backward adds the gradient through one micro-batch's features, so their sum is the
+        gradient of the full-batch loss, with at most two micro-batches' activations alive (the
+        closing one is not encoded twice: OpenCLIP's loop encodes every micro-batch twice). The
+        temperature's own gradient is taken once (the last pass), not once per micro-batch.
+        Under DDP the earlier passes accumulate locally (no_sync); the last one all-reduces.
         """
         images, text = self._images(batch), batch["text"]
-        with torch.no_grad():
-            image_features, text_features, _ = self.model(images, text)
-        self._micro.append((images, text))
-        self._cached.append((image_features, text_features))
-        if len(self._micro) < self.accum_freq and not self._epoch_ends(batch_idx):
+        if len(self._micro) + 1 < self.accum_freq and not self._epoch_ends(batch_idx):
+            with torch.no_grad():
+                image_features, text_features, _ = self.model(images, text)
+            self._micro.append((images, text))
+            self._cached.append((image_features, text_features))
             return None
-        micro, cached = self._micro, self._cached
+        image_last, text_last, logit_scale = self.model(images, text)
+        micro = self._micro
+        cached = [*self._cached, (image_last.detach(), text_last.detach())]
         self._micro, self._cached = [], []
-        strategy = self.trainer.strategy
-        last = len(micro) - 1
+
+        def whole_batch(j: int, image_j: torch.Tensor, text_j: torch.Tensor):
+            images = [c[0] for c in cached[:j]] + [image_j] + [c[0] for c in cached[j + 1 :]]
+            texts = [c[1] for c in cached[:j]] + [text_j] + [c[1] for c in cached[j + 1 :]]
+            return torch.cat(images), torch.cat(texts)
+
+        block_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
         for j, (images, text) in enumerate(micro):
-            block_sync = getattr(strategy, "block_backward_sync", None)
-            sync = contextlib.nullcontext() if j == last or block_sync is None else block_sync()
-            with sync:
-                image_j, text_j, logit_scale = self.model(images, text)
-                if j != last:
-                    logit_scale = logit_scale.detach()
-                all_images = torch.cat(
-                    [c[0] for c in cached[:j]] + [image_j] + [c[0] for c in cached[j + 1 :]]
-                )
-                all_texts = torch.cat(
-                    [c[1] for c in cached[:j]] + [text_j] + [c[1] for c in cached[j + 1 :]]
-                )
-                loss = self.loss_fn(all_images, all_texts, logit_scale)
+            with block_sync() if block_sync is not None else contextlib.nullcontext():
+                image_j, text_j, scale_j = self.model(images, text)
+                loss = self.loss_fn(*whole_batch(j, image_j, text_j), scale_j.detach())
                 self.manual_backward(loss)
+        loss = self.loss_fn(*whole_batch(len(micro), image_last, text_last), logit_scale)
+        self.manual_backward(loss)
         optimizer = self.optimizers()
         if self.grad_clip_norm is not None:
             self.clip_gradients(
