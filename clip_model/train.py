@@ -223,6 +223,9 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
 
         marker = join(cfg.out_dir, PRUNED_FILE)
         callbacks.append(OptunaPruning(**cfg.optuna.model_dump(), marker=marker))
+    from clip_model.train_progress import TrainProgress
+
+    callbacks.append(TrainProgress(cfg.batch_size))  # step/total, samples/s, ETA on a terminal
     checkpoint_cb = StepCheckpoint(
         cfg.checkpoints,
         every_n_steps=cfg.checkpoint.every_n_steps,

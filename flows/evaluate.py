@@ -7,7 +7,9 @@
 
 The checkpoint is this project's (a training run's step-N.ckpt, its tokenizer.json found in the
 run folder, or an exported {"state_dict", "model_config"} file) or OpenAI's / OpenCLIP's weights
-(a file or OpenCLIP's hub folder); --model names the architecture of weights that do not say it
+(a file or OpenCLIP's hub folder) or a registered version, `models:/clip-tiny@champion` or
+`models:/clip-tiny/3` (fetched once into ~/.cache/clip-pipeline; the evaluation run is linked to
+the version: its tags and model input, the metrics on the version's page); --model names the architecture of weights that do not say it
 (a preset as OpenCLIP names it, or a config file: docs/checkpoints.md).
 The suite (configs/eval/*.yaml, see clip_model/eval_suite.py) lists the tasks; --root replaces
 "{root}" in its dataset paths. Results: MLflow (stage "evaluate": `<task>/<metric>` metrics, the
@@ -31,7 +33,7 @@ from prefect import flow, get_run_logger
 from clip_model.checkpoint import resolve_weights
 from clip_model.precision import parse_precision
 from flows import cli
-from storage.tracking import stage_run
+from storage.tracking import fetch_registered_model, is_model_uri, link_evaluation, stage_run
 from tasks.evaluate import (
     EvaluateResult,
     claim_output,
@@ -79,8 +81,11 @@ def evaluate(
     logger = get_run_logger()
     precision = parse_precision(precision).name  # one name per behaviour: amp_bf16 is bf16
     eval_suite = load_eval_suite(suite, root, tasks)  # bad suite or data: fails before any work
-    clip = load_model(checkpoint, tokenizer, allow_torchscript, model)
-    checkpoint_sha256 = file_sha256(resolve_weights(checkpoint)[0])
+    # models:/name@alias or models:/name/version: the registered weights, fetched once
+    registered = fetch_registered_model(checkpoint) if is_model_uri(checkpoint) else None
+    weights = registered.weights if registered else checkpoint
+    clip = load_model(weights, tokenizer, allow_torchscript, model)
+    checkpoint_sha256 = file_sha256(resolve_weights(weights)[0])
     tokenizer_file = getattr(clip.tokenizer, "path", None)
     identity = {
         "checkpoint": checkpoint,
@@ -135,6 +140,8 @@ def evaluate(
         for plot in plots:
             mlflow.log_artifact(plot, artifact_path="plots")
         mlflow.set_tags({"eval.suite": eval_suite.name, "eval.key": key})
+        if registered is not None:  # the version's page lists this run and its metrics
+            link_evaluation(registered, run.info.run_id, mlflow_metrics(metrics), eval_suite.name)
     result = EvaluateResult(
         metrics=metrics,
         results_json=results_json,

@@ -1,6 +1,7 @@
 """The `index` flow: embed a dataset with a CLIP and build a FAISS index to search it.
 
     python -m flows.index --checkpoint runs/last.pt --data data/crawl --output data/index
+    python -m flows.index --checkpoint models:/clip-tiny@champion --data data/crawl --output data/index
     python -m flows.search --index data/index --text "a red star" -k 10
 
 The checkpoint is this project's, OpenAI's or OpenCLIP's (clip_model.from_state_dict reads
@@ -33,7 +34,7 @@ from clip_model.progress import progress_bar
 from flows import cli
 from storage import open_dataset, stage_output
 from storage.embeddings import EmbeddingStore, choose_spec
-from storage.tracking import log_dataset, stage_run
+from storage.tracking import fetch_registered_model, is_model_uri, log_dataset, stage_run
 from tasks.index import IndexResult, build_index, embed_shard, plan_index
 from tasks.params.index import IndexParams
 
@@ -68,8 +69,9 @@ def index(
     precision = parse_precision(precision).name  # one name per behaviour: amp_bf16 is bf16
     # one index run per folder; any index of this stage is resumable state (plan_index refuses
     # one of another model or dtype), anything else needs --force
+    local = [] if is_model_uri(checkpoint) else [checkpoint]  # a registry URI names no file here
     with stage_output(
-        output, stage="index", inputs=[data, checkpoint], force=force, mode="in_place"
+        output, stage="index", inputs=[data, *local], force=force, mode="in_place"
     ) as out:
         result = _index(
             checkpoint, data, output, kind, batch_size, dtype, precision, device,
@@ -92,7 +94,9 @@ def _index(
     model: str | None,
 ) -> IndexResult:
     logger = get_run_logger()
-    clip = load_clip(checkpoint, model=model, allow_torchscript=allow_torchscript)
+    # models:/name@alias or models:/name/version: the registered weights, fetched once
+    weights = fetch_registered_model(checkpoint).weights if is_model_uri(checkpoint) else checkpoint
+    clip = load_clip(weights, model=model, allow_torchscript=allow_torchscript)
     dataset = open_dataset(data)
     params = {
         "checkpoint": checkpoint,

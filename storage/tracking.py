@@ -17,7 +17,7 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import mlflow
@@ -37,9 +37,13 @@ __all__ = [
     "fetch_registered_model",
     "flatten_params",
     "is_model_uri",
+    "link_evaluation",
+    "registered_uri",
     "log_dataset",
     "promote",
     "set_candidate",
+    "share_runs_view",
+    "log_model_output",
     "stage_run",
     "system_metrics",
     "tracking_uri",
@@ -279,7 +283,7 @@ class RegisteredModel(NamedTuple):
 def fetch_registered_model(uri: str, cache: str | os.PathLike | None = None) -> RegisteredModel:
     """`models:/name@alias` or `models:/name/version` as a local weights file. Versions never
     change, so each is downloaded once into the cache (`CLIP_PIPELINE_CACHE`, default
-    ~/.cache/clip-pipeline) under registry/<name>/<version>/."""
+    ~/.cache/clip-pipeline) under registry/<name>/<version>-<logged model id>/."""
     import shutil
     import tempfile
     from pathlib import Path
@@ -308,7 +312,9 @@ def fetch_registered_model(uri: str, cache: str | os.PathLike | None = None) -> 
     root = Path(
         cache or os.environ.get("CLIP_PIPELINE_CACHE") or Path.home() / ".cache/clip-pipeline"
     )
-    folder = root / "registry" / name / str(mv.version)
+    # a version number is only unique within one tracking store: the logged model's (or run's)
+    # id keeps two stores' "clip/1" apart
+    folder = root / "registry" / name / f"{mv.version}-{_logged_model_id(mv) or mv.run_id}"
     weights = folder / "artifacts" / "weights.pt"
     if not weights.is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -369,3 +375,66 @@ def system_metrics(run_id: str | None, uri: str | None = None, interval: float =
         monitor.collect_metrics()
         monitor.publish_metrics(monitor.aggregate_metrics())
         monitor.mlflow_logger.flush()
+
+
+def registered_uri(name: str | None, version: str | int | None) -> str | None:
+    """`models:/name/version` when that version is in the registry (a reused training's version
+    may predate this tracking store), else None."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if not name or version is None:
+        return None
+    try:
+        MlflowClient(tracking_uri()).get_model_version(name, str(version))
+    except MlflowException:
+        return None
+    return f"models:/{name}/{version}"
+
+
+def link_evaluation(
+    registered: RegisteredModel, run_id: str, metrics: Mapping[str, float], label: str
+) -> None:
+    """Tie an evaluation run to the model version it scored, both ways: the run's tags and its
+    model input (MLflow 3's LoggedModelInput), the metrics on the logged model (shown on the
+    version's page), and the tag `evaluation.<label>` = the run id on the version."""
+    from mlflow.entities import LoggedModelInput
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    client.set_tag(run_id, "registered_model.name", registered.name)
+    client.set_tag(run_id, "registered_model.version", registered.version)
+    client.set_tag(run_id, "registered_model.uri", registered.uri)
+    if registered.model_id:
+        client.log_inputs(run_id, models=[LoggedModelInput(registered.model_id)])
+        mlflow.log_metrics(dict(metrics), run_id=run_id, model_id=registered.model_id)
+    client.set_model_version_tag(registered.name, registered.version, f"evaluation.{label}", run_id)
+
+
+def log_model_output(run_id: str, model_id: str | None) -> None:
+    """Show a logged model (`m-...`) in a run's Models column: the pipeline's run, whose model
+    its training child logged."""
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.tracking import MlflowClient
+
+    if model_id:
+        MlflowClient(tracking_uri()).log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+
+
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # the UI's "Share" button stores views this way
+
+
+def share_runs_view(experiment_id: str, key: str, metrics: Sequence[str]) -> str:
+    """A saved runs-table view of the experiment with the columns Dataset, Models and `metrics`,
+    stored as the UI's own share button does (an experiment tag); returns the URL fragment that
+    opens it (`#/experiments/<id>/runs?viewStateShareKey=<key>`). MLflow's default table shows no
+    metric column at all."""
+    from mlflow.tracking import MlflowClient
+
+    columns = ["attributes.`Dataset`", "attributes.`Models`"]
+    columns += [f"metrics.`{m}`" for m in metrics]
+    state = {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}
+    MlflowClient(tracking_uri()).set_experiment_tag(
+        experiment_id, SHARED_VIEW_TAG + key, json.dumps(state)
+    )
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={key}"

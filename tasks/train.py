@@ -22,6 +22,8 @@ import yaml
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
+from clip_model.progress import ENV as PROGRESS_ENV
+from clip_model.progress import progress_enabled
 from clip_model.train import TrainConfig, check_hardware, load_config
 from storage.fs import atomic_write_bytes, filesystem, join
 
@@ -261,8 +263,14 @@ def run_training(cfg: TrainConfig, config_path: str) -> TrainResult:
             " ".join(["python", *command[1:]]),
         )
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # on a terminal the trainer's progress bar (stderr) draws there: piped, its carriage
+    # returns would become a log line per redraw. Off a terminal, stderr joins the log.
+    stderr = subprocess.STDOUT
+    if progress_enabled():
+        env[PROGRESS_ENV] = "1"
+        stderr = None
     proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
+        command, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1, env=env
     )
     tail: deque[str] = deque(maxlen=40)
     for line in proc.stdout:

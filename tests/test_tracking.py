@@ -7,6 +7,8 @@ The model is a micro CLIP (32 px, width 64) built from its config: logging it co
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pandas as pd
 import pytest
@@ -27,6 +29,7 @@ from storage.tracking import (
     system_metrics,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 MICRO = {
     "name": "micro",
     "image_size": 32,
@@ -157,3 +160,44 @@ def test_system_metrics_are_logged_even_for_a_run_shorter_than_one_interval(mlfl
     metrics = MlflowClient(mlflow_tmp).get_run(run.info.run_id).data.metrics
     assert "system/cpu_utilization_percentage" in metrics
     assert "system/system_memory_usage_megabytes" in metrics
+
+
+def test_evaluate_and_index_take_a_registry_uri_and_the_evaluation_is_linked_to_the_version(
+    prefect_harness, mlflow_tmp, tmp_path, monkeypatch
+):
+    from flows.evaluate import evaluate
+    from flows.index import index
+    from tasks.sample_web import generate_sample_web
+    from tests.test_train import write_shapes
+
+    monkeypatch.setenv("CLIP_PIPELINE_CACHE", str(tmp_path / "cache"))
+    version = register("clip-eval", seed=5)
+    promote("clip-eval", version, force=True)
+    web = tmp_path / "web"
+    generate_sample_web(web, n_scenes=50, n_digits=50, n_eval_per_class=2, n_retrieval=5)
+
+    result = evaluate(
+        checkpoint="models:/clip-eval@champion",
+        suite=str(ROOT / "configs/eval/sample.yaml"),
+        root=str(web),
+        tasks=["digits"],
+        output=str(tmp_path / "eval"),
+    )
+    client = MlflowClient(mlflow_tmp)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.tags["registered_model.name"] == "clip-eval"
+    assert run.data.tags["registered_model.version"] == version
+    assert run.data.params["checkpoint"] == "models:/clip-eval@champion"
+    fetched = fetch_registered_model("models:/clip-eval@champion")
+    assert [m.model_id for m in run.inputs.model_inputs] == [fetched.model_id]
+    mv = client.get_model_version("clip-eval", version)
+    assert mv.tags["evaluation.sample"] == run.info.run_id
+    logged = client.get_logged_model(fetched.model_id)
+    scores = {m.key: m.value for m in logged.metrics}
+    assert scores["digits/acc1"] == result.metrics["digits"]["acc1"]
+
+    shapes = write_shapes(tmp_path / "shapes", [12, 12])
+    built = index(
+        checkpoint="models:/clip-eval@champion", data=shapes, output=str(tmp_path / "index")
+    )
+    assert built.vectors == 24 and built.model_id == load_clip(fetched.weights).model_id

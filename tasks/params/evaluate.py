@@ -16,7 +16,10 @@ class EvaluateParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: str = Field(description="model weights (ours, OpenAI, OpenCLIP)")
+    checkpoint: str = Field(
+        description="model weights (ours, OpenAI, OpenCLIP) or a registered version "
+        "(models:/clip-tiny@champion, models:/clip-tiny/3)"
+    )
     suite: str = Field(
         description="eval suite: a YAML path or a preset of configs/eval/ (sample, clip_benchmark)"
     )

@@ -16,7 +16,10 @@ class IndexParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: str = Field(description="model weights (ours, OpenAI, OpenCLIP)")
+    checkpoint: str = Field(
+        description="model weights (ours, OpenAI, OpenCLIP) or a registered version "
+        "(models:/clip-tiny@champion, models:/clip-tiny/3)"
+    )
     data: str = Field(description="dataset folder or fsspec URL")
     output: str = Field(description="index folder or fsspec URL")
     kind: Literal["auto", "flat", "ivf", "hnsw"] = Field(
@@ -50,6 +53,7 @@ class IndexParams(BaseModel):
         check_file(self.checkpoint, "--checkpoint")
         check_dataset(self.data, "--data")
         try:
-            check_not_aliased(self.output, [self.data, self.checkpoint])
+            local = [] if self.checkpoint.startswith("models:/") else [self.checkpoint]
+            check_not_aliased(self.output, [self.data, *local])
         except ValueError as e:
             raise ValueError(f"--output {e}") from None
