@@ -98,12 +98,13 @@ def curate_once(data: str, out: str, workers: int) -> dict:
     engine = Engine(workers=workers)
     ds = open_dataset(data)
     t0 = time.perf_counter()
-    sel = select_samples(ds, spec, engine=engine, progress=False, log=lambda _: None)
-    t1 = time.perf_counter()
-    manifest = write_curated(
-        ds, sel, out, num_shards=spec.num_shards, parameters={"spec": SPEC},
-        val_fraction=spec.val_fraction, engine=engine, progress=False, log=lambda _: None,
-    )  # fmt: skip
+    with engine:  # one pool for the scan and the write, as the flow does
+        sel = select_samples(ds, spec, engine=engine, progress=False, log=lambda _: None)
+        t1 = time.perf_counter()
+        manifest = write_curated(
+            ds, sel, out, num_shards=spec.num_shards, parameters={"spec": SPEC},
+            val_fraction=spec.val_fraction, engine=engine, progress=False, log=lambda _: None,
+        )  # fmt: skip
     t2 = time.perf_counter()
     n = sel.samples.num_rows
     return {

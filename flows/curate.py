@@ -96,8 +96,9 @@ def curate(
         )
     with stage_run("curate", params={"input": input, "output": output, **parameters}) as run:
         log_dataset(ds, context="input")
-        sel = select(ds, spec, bad_shards, runner, progress)
-        manifest = write(ds, sel, output, spec, parameters, runner, progress, force)
+        with runner:  # one local pool (when --workers) for the scan and the write
+            sel = select(ds, spec, bad_shards, runner, progress)
+            manifest = write(ds, sel, output, spec, parameters, runner, progress, force)
         out = open_dataset(output)
         val = manifest.stats.get("val", {}).get("samples", 0)
         log_dataset(out, context="output")

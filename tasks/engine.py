@@ -24,7 +24,7 @@ from __future__ import annotations
 import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from clip_model.progress import progress_bar
@@ -45,6 +45,7 @@ class Engine:
     kind: Literal["local", "ray"] = "local"
     workers: int = 0
     address: str | None = None
+    _session: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in ENGINE_KINDS:
@@ -53,6 +54,28 @@ class Engine:
             raise ValueError(f"engine workers must be >= 0, got {self.workers}")
         if self.address is not None and self.kind != "ray":
             raise ValueError(f"a Ray address ({self.address}) needs engine kind 'ray'")
+
+    def __enter__(self) -> Engine:
+        """Keep one local pool for every `map` inside the block (a stage's scan and write),
+        instead of starting one per map."""
+        depth = self._session.get("depth", 0)
+        if depth == 0 and self.kind == "local" and self.workers > 0:
+            self._session["pool"] = _new_pool(self.workers)
+        self._session["depth"] = depth + 1  # nested blocks share the outermost one's pool
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._session["depth"] -= 1
+        if self._session["depth"] == 0 and self._session.get("pool") is not None:
+            self._session.pop("pool").shutdown(cancel_futures=True)
+
+    def __getstate__(self) -> dict:
+        return {"kind": self.kind, "workers": self.workers, "address": self.address}
+
+    def __setstate__(self, state: dict) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_session", {})  # a pool stays with the process that made it
 
     def describe(self) -> str:
         if self.kind == "ray":
@@ -79,28 +102,37 @@ class Engine:
                     bar.update(1)
                     yield result
             else:
-                yield from _map_pool(fn, items, min(self.workers, len(items)), bar)
+                if self._session.get("pool") is not None:
+                    yield from _map_pool(fn, items, self._session["pool"], self.workers, bar)
+                else:
+                    with _new_pool(min(self.workers, len(items))) as pool:
+                        yield from _map_pool(fn, items, pool, self.workers, bar)
 
 
-def _map_pool(fn: Callable, items: list, workers: int, bar: Any) -> Iterator:
+def _new_pool(workers: int) -> ProcessPoolExecutor:
     # spawn, not fork: the flow runs Prefect's and MLflow's threads, and a forked child of a
-    # threaded process can inherit a held lock; at most 2 x workers shards in flight, so the
-    # results held here stay bounded by the pool, not the dataset
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        pending: dict[int, Future] = {}
-        done: dict[int, Any] = {}
-        submitted = 0
-        for i in range(len(items)):
-            while submitted < len(items) and submitted < i + 2 * workers:
-                pending[submitted] = pool.submit(fn, items[submitted])
-                submitted += 1
-            while i not in done:
-                finished, _ = wait(pending.values(), return_when=FIRST_COMPLETED)
-                for j in [j for j, f in pending.items() if f in finished]:
-                    done[j] = pending.pop(j).result()  # re-raises the shard's exception
-                    bar.update(1)
-            yield done.pop(i)
+    # threaded process can inherit a held lock
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _map_pool(
+    fn: Callable, items: list, pool: ProcessPoolExecutor, workers: int, bar: Any
+) -> Iterator:
+    # at most 2 x workers shards in flight, so the results held here stay bounded by the pool,
+    # not the dataset
+    pending: dict[int, Future] = {}
+    done: dict[int, Any] = {}
+    submitted = 0
+    for i in range(len(items)):
+        while submitted < len(items) and submitted < i + 2 * workers:
+            pending[submitted] = pool.submit(fn, items[submitted])
+            submitted += 1
+        while i not in done:
+            finished, _ = wait(pending.values(), return_when=FIRST_COMPLETED)
+            for j in [j for j, f in pending.items() if f in finished]:
+                done[j] = pending.pop(j).result()  # re-raises the shard's exception
+                bar.update(1)
+        yield done.pop(i)
 
 
 def _map_ray(fn: Callable, items: list, address: str | None, workers: int, bar: Any) -> Iterator:

@@ -144,3 +144,15 @@ def test_engine_draws_a_bar_per_shard_when_asked(monkeypatch, capsys):
     assert "curate: scan" in err and "3/3" in err and "shard" in err
     list(Engine().map(math.sqrt, [1.0], desc="quiet", progress=False))
     assert "quiet" not in capsys.readouterr().err
+
+
+def test_an_engine_block_keeps_one_pool_for_every_map_inside_it():
+    engine = Engine(workers=2)
+    with engine:
+        pool = engine._session["pool"]
+        assert list(engine.map(math.sqrt, [4.0, 9.0], progress=False)) == [2.0, 3.0]
+        with engine:  # nested (the flow's block around write_curated's own): the same pool
+            assert engine._session["pool"] is pool
+            assert list(engine.map(math.sqrt, [16.0, 1.0], progress=False)) == [4.0, 1.0]
+        assert engine._session["pool"] is pool
+    assert "pool" not in engine._session

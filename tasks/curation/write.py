@@ -267,6 +267,36 @@ def write_curated(
     return manifest
 
 
+def _write_val(
+    ds: Dataset,
+    sel: Selection,
+    output: str,
+    rows: np.ndarray,
+    *,
+    shard_size: int,
+    fraction: float,
+    parameters: dict[str, Any],
+    engine: Engine,
+    progress: bool,
+) -> dict[str, Any] | None:
+    """The validation split as the dataset OUTPUT/val, in shards about as large as the training
+    ones; what the output manifest records of it (None: no sample held out)."""
+    if not len(rows):
+        return None
+    url = join(output, VAL_NAME)
+    shards = math.ceil(len(rows) / shard_size)
+    entries = _reshard(ds, sel, url, rows, shards, engine, progress, "curate: val")
+    manifest = write_manifest(
+        url,
+        entries,
+        stage=STAGE,
+        parameters={**parameters, "split": VAL_NAME},
+        input_digest=ds.digest,
+        stats={"split": VAL_NAME, "fraction": fraction, "samples": len(rows)},
+    )
+    return {"samples": len(rows), "fraction": fraction, "digest": manifest.digest}
+
+
 def _write_curated(
     ds: Dataset,
     sel: Selection,
@@ -289,25 +319,14 @@ def _write_curated(
             f"only {len(train_rows)} samples kept: writing {len(train_rows)} shards, not {num_shards}"
         )
     stats = sel.stats() | {"num_shards": len(sizes), "shard_sizes": sorted(set(sizes))}
-    train = _reshard(ds, sel, output, train_rows, num_shards, engine, progress, "curate: write")
-    if len(val_rows):
-        # validation shards about as large as the training ones
-        val_shards = math.ceil(len(val_rows) / max(sizes, default=1))
-        val_url = join(output, VAL_NAME)
-        entries = _reshard(ds, sel, val_url, val_rows, val_shards, engine, progress, "curate: val")
-        val_manifest = write_manifest(
-            val_url,
-            entries,
-            stage=STAGE,
-            parameters={**parameters, "split": VAL_NAME},
-            input_digest=ds.digest,
-            stats={"split": VAL_NAME, "fraction": val_fraction, "samples": len(val_rows)},
-        )
-        stats["val"] = {
-            "samples": len(val_rows),
-            "fraction": val_fraction,
-            "digest": val_manifest.digest,
-        }
+    with engine:  # one pool for the training and the validation shards
+        train = _reshard(ds, sel, output, train_rows, num_shards, engine, progress, "curate: write")
+        val = _write_val(
+            ds, sel, output, val_rows, shard_size=max(sizes, default=1), fraction=val_fraction,
+            parameters=parameters, engine=engine, progress=progress,
+        )  # fmt: skip
+    if val is not None:
+        stats[VAL_NAME] = val
     rejected = _write_rejected(ds, sel, join(output, REJECTED_NAME))
     assert len(kept) + rejected == sel.samples.num_rows, "kept + rejected != input"
     stats["rejected_sha256"] = sha256_file(join(output, REJECTED_NAME))[0]
