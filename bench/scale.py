@@ -43,10 +43,10 @@ SPEC = {
         {"name": "dedup_sha256"},
         {"name": "near_duplicates", "threshold": 3, "max_thumb_difference": 8},
     ],
-    "num_shards": 64,
     "val_fraction": 0.01,
 }
-SHARD_SAMPLES = 10_000
+SHARD_SAMPLES = 10_000  # input shards, as img2dataset writes them
+OUTPUT_SHARD_SAMPLES = 16_000  # output shards about this large, as a real curation would ask
 
 
 def make_crawl(url: str, n: int, seed: int = 0) -> None:
@@ -94,7 +94,8 @@ def curate_once(data: str, out: str, workers: int) -> dict:
     from tasks.curation.write import write_curated
     from tasks.engine import Engine
 
-    spec = parse_filter_spec(SPEC)
+    n = open_dataset(data).manifest.total_samples
+    spec = parse_filter_spec({**SPEC, "num_shards": max(2, n // OUTPUT_SHARD_SAMPLES)})
     engine = Engine(workers=workers)
     ds = open_dataset(data)
     t0 = time.perf_counter()
