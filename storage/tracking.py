@@ -197,7 +197,9 @@ def log_dataset(dataset: Any, *, context: str, name: str | None = None) -> None:
 def ensure_experiment(name: str, uri: str | None = None) -> str:
     """The id of experiment `name`, created as a model-training experiment (MLflow 3's
     `mlflow.experimentKind` tag) if new; an existing one without a kind gets the tag too (a kind
-    someone chose in the UI is kept)."""
+    someone chose in the UI is kept). MLflow 3.1-3.9's UI opens an experiment in the view its
+    kind says; 3.17's follows its GenAI / Model training switch (`share_runs_view`'s link sets
+    it)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -427,8 +429,7 @@ SHARED_VIEW_TAG = "mlflow.sharedViewState."  # the UI's "Share" button stores vi
 def share_runs_view(experiment_id: str, key: str, metrics: Sequence[str]) -> str:
     """A saved runs-table view of the experiment with the columns Dataset, Models and `metrics`,
     stored as the UI's own share button does (an experiment tag); returns the URL fragment that
-    opens it (`#/experiments/<id>/runs?viewStateShareKey=<key>`). MLflow's default table shows no
-    metric column at all."""
+    opens it in the model-training view. MLflow's default table shows no metric column at all."""
     from mlflow.tracking import MlflowClient
 
     columns = ["attributes.`Dataset`", "attributes.`Models`"]
@@ -437,4 +438,8 @@ def share_runs_view(experiment_id: str, key: str, metrics: Sequence[str]) -> str
     MlflowClient(tracking_uri()).set_experiment_tag(
         experiment_id, SHARED_VIEW_TAG + key, json.dumps(state)
     )
-    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={key}"
+    # MLflow 3.17's UI takes GenAI vs model training from its switch (this URL parameter, else
+    # the browser's last choice) rather than the experiment's kind tag: the link says it
+    return (
+        f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={key}"
+    )
