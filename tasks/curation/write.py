@@ -4,14 +4,15 @@ shard, on the engine), a validation split held out by a stable hash of the key a
 
 Which samples go into output shard j is decided before any is written (sizes differ by at most
 one, samples in input order), so the shards' bytes, and the manifest's digest, are the same
-whatever the engine and however many workers write them.
+whatever the engine and however many workers write them. The validation samples from the input
+range of training shard j go into a validation shard written by the same task, in the same pass
+over the input tars: holding out 1% costs no second read of the data.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,14 @@ from storage.manifest import ShardEntry
 from tasks.curation.run import REJECTED_NAME, STAGE, Selection, curation_identity
 from tasks.engine import Engine
 
-__all__ = ["VAL_NAME", "is_validation", "shard_sizes", "write_curated", "write_shard"]
+__all__ = [
+    "VAL_NAME",
+    "is_validation",
+    "plan_shards",
+    "shard_sizes",
+    "write_curated",
+    "write_shard",
+]
 
 VAL_NAME = "val"  # the validation split: a dataset of its own inside the output
 
@@ -73,48 +81,79 @@ class ShardPart:
 
 
 @dataclass(frozen=True)
-class ReshardJob:
-    dataset: str  # the input
-    output: str  # the folder the shard goes into
-    index: int  # the output shard's number
+class ShardPlan:
+    """One output shard: the folder it goes into, its number, its samples by input shard."""
+
+    output: str
+    index: int
     parts: tuple[ShardPart, ...]
 
 
-def write_shard(job: ReshardJob) -> ShardEntry:
-    """Write one output shard: its samples' tar members copied from the input tars (never
+@dataclass(frozen=True)
+class ReshardJob:
+    """A training shard and the validation shard held out of the same input range, written in
+    one pass over those input shards."""
+
+    dataset: str  # the input
+    train: ShardPlan | None
+    val: ShardPlan | None
+
+
+def write_shard(job: ReshardJob) -> tuple[ShardEntry | None, ShardEntry | None]:
+    """Write one job's shards: the samples' tar members copied from the input tars (never
     decoded), their Parquet rows from the input's, with `clip_score` where scored."""
-    size = sum(len(p.keys) for p in job.parts)
-    writer = DatasetWriter(
-        job.output, stage=STAGE, samples_per_shard=size + 1, first_shard=job.index
-    )
-    for part in job.parts:
-        parquet = join(job.dataset, f"{part.shard}.parquet")
+    plans = [p for p in (job.train, job.val) if p is not None]
+    writers = {
+        id(plan): DatasetWriter(
+            plan.output,
+            stage=STAGE,
+            samples_per_shard=sum(len(p.keys) for p in plan.parts) + 1,
+            first_shard=plan.index,
+        )
+        for plan in plans
+    }
+    routes: dict[str, dict[str, tuple[int, float | None]]] = {}  # shard -> key -> (plan, score)
+    for plan in plans:
+        for part in plan.parts:
+            scores = part.clip_scores or (None,) * len(part.keys)
+            route = routes.setdefault(part.shard, {})
+            route.update((k, (id(plan), sc)) for k, sc in zip(part.keys, scores, strict=True))
+    scored = any(part.clip_scores is not None for plan in plans for part in plan.parts)
+    for shard, route in sorted(routes.items()):  # input shards in input order
+        parquet = join(job.dataset, f"{shard}.parquet")
         fs, path = filesystem(parquet)
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
         table = table.filter(pc.fill_null(pc.equal(table.column("status"), "success"), False))
-        table = table.filter(pc.is_in(table.column("key"), value_set=pa.array(part.keys)))
+        table = table.filter(pc.is_in(table.column("key"), value_set=pa.array(list(route))))
         rows = {r["key"]: r for r in table.to_pylist()}
-        scores = dict(zip(part.keys, part.clip_scores, strict=True)) if part.clip_scores else {}
-        wanted = set(part.keys)
-        for sample in read_shard(join(job.dataset, f"{part.shard}.tar"), _unless(wanted)):
+        wanted = set(route)
+        for sample in read_shard(join(job.dataset, f"{shard}.tar"), _unless(wanted)):
             if sample.key not in wanted:
                 continue
             wanted.discard(sample.key)
+            plan_id, score = route[sample.key]
             row, meta = rows[sample.key], dict(sample.meta)
-            if part.clip_scores is not None:
-                row["clip_score"] = meta["clip_score"] = scores[sample.key]
-            writer.write(sample.key, sample.image, sample.caption, meta, row, sample.image_ext)
+            if scored:
+                row["clip_score"] = meta["clip_score"] = score
+            writers[plan_id].write(
+                sample.key, sample.image, sample.caption, meta, row, sample.image_ext
+            )
             if not wanted:
-                break  # every sample of this part is written: the rest of the tar is not ours
+                break  # every sample of this job is written: the rest of the tar is not ours
         if wanted:
-            raise DatasetError(f"{part.shard}.tar: kept samples vanished: {sorted(wanted)[:5]}")
-    (entry,) = writer.flush()
-    if entry.num_samples != size:
-        raise DatasetError(
-            f"{job.output}: shard {entry.name} holds {entry.num_samples}, not {size}"
-        )
-    return entry
+            raise DatasetError(f"{shard}.tar: kept samples vanished: {sorted(wanted)[:5]}")
+    entries = []
+    for plan in (job.train, job.val):
+        if plan is None:
+            entries.append(None)
+            continue
+        (entry,) = writers[id(plan)].flush()
+        size = sum(len(p.keys) for p in plan.parts)
+        if entry.num_samples != size:
+            raise DatasetError(f"{plan.output}: shard {entry.name} holds {entry.num_samples}")
+        entries.append(entry)
+    return entries[0], entries[1]
 
 
 def _unless(wanted: set[str]) -> Callable[[SampleError], None]:
@@ -127,46 +166,57 @@ def _unless(wanted: set[str]) -> Callable[[SampleError], None]:
     return on_bad_sample
 
 
-def _plan(ds_url: str, output: str, sel: Selection, rows: np.ndarray, num_shards: int) -> list:
-    """The jobs that write `rows` (ascending sample positions) into `num_shards` even shards."""
-    keys = sel.samples.column("key")
-    codes = sel.samples.column("shard").combine_chunks()
-    if not pa.types.is_dictionary(codes.type):
-        codes = pc.dictionary_encode(codes)
-    scores = sel.samples.column("clip_score") if sel.scored else None
-    jobs, start = [], 0
-    for j, size in enumerate(shard_sizes(len(rows), num_shards)):
-        take = pa.array(rows[start : start + size], pa.int64())
-        start += size
-        part_keys = keys.take(take).to_pylist()
-        part_shards = codes.indices.take(take).to_numpy()
-        part_scores = scores.take(take).to_pylist() if scores is not None else None
+class _Parts:
+    """Cuts runs of sample positions into ShardParts (one per input shard they come from)."""
+
+    def __init__(self, sel: Selection):
+        self.keys = sel.samples.column("key")
+        codes = sel.samples.column("shard").combine_chunks()
+        self.codes = codes if pa.types.is_dictionary(codes.type) else pc.dictionary_encode(codes)
+        self.scores = sel.samples.column("clip_score") if sel.scored else None
+
+    def __call__(self, rows: np.ndarray) -> tuple[ShardPart, ...]:
+        take = pa.array(rows, pa.int64())
+        keys = self.keys.take(take).to_pylist()
+        shards = self.codes.indices.take(take).to_numpy(zero_copy_only=False)
+        scores = self.scores.take(take).to_pylist() if self.scores is not None else None
         parts, begin = [], 0
-        for end in [*np.flatnonzero(np.diff(part_shards)) + 1, len(part_keys)]:
+        for end in [*(np.flatnonzero(np.diff(shards)) + 1).tolist(), len(keys)]:
             parts.append(
                 ShardPart(
-                    shard=codes.dictionary[part_shards[begin]].as_py(),
-                    keys=tuple(part_keys[begin:end]),
-                    clip_scores=tuple(part_scores[begin:end]) if part_scores else None,
+                    shard=self.codes.dictionary[int(shards[begin])].as_py(),
+                    keys=tuple(keys[begin:end]),
+                    clip_scores=tuple(scores[begin:end]) if scores is not None else None,
                 )
             )
             begin = end
-        jobs.append(ReshardJob(ds_url, output, j, tuple(parts)))
+        return tuple(parts)
+
+
+def plan_shards(
+    ds_url: str, output: str, sel: Selection, train: np.ndarray, val: np.ndarray, num_shards: int
+) -> list[ReshardJob]:
+    """Training shard j takes the j-th run of `train` (ascending sample positions; sizes differ
+    by at most one); the validation samples that lie among its input positions form validation
+    shard j' (the non-empty ones numbered in order) of OUTPUT/val, written by the same job."""
+    parts = _Parts(sel)
+    sizes = shard_sizes(len(train), num_shards)
+    starts = np.cumsum([0, *sizes])
+    first = train[starts[:-1]] if sizes else np.zeros(1, np.int64)
+    slot = np.clip(np.searchsorted(first, val, side="right") - 1, 0, max(len(sizes), 1) - 1)
+    jobs, val_index = [], 0
+    for j in range(max(len(sizes), 1)):
+        train_plan = (
+            ShardPlan(output, j, parts(train[starts[j] : starts[j + 1]])) if sizes else None
+        )
+        held = val[slot == j]
+        val_plan = None
+        if len(held):
+            val_plan = ShardPlan(join(output, VAL_NAME), val_index, parts(held))
+            val_index += 1
+        if train_plan is not None or val_plan is not None:
+            jobs.append(ReshardJob(ds_url, train_plan, val_plan))
     return jobs
-
-
-def _reshard(
-    ds: Dataset,
-    sel: Selection,
-    output: str,
-    rows: np.ndarray,
-    num_shards: int,
-    engine: Engine,
-    progress: bool,
-    desc: str,
-) -> list[ShardEntry]:
-    jobs = _plan(ds.url, output, sel, rows, num_shards)
-    return list(engine.map(write_shard, jobs, desc=desc, progress=progress))
 
 
 def _write_rejected(ds: Dataset, sel: Selection, url: str) -> int:
@@ -267,36 +317,6 @@ def write_curated(
     return manifest
 
 
-def _write_val(
-    ds: Dataset,
-    sel: Selection,
-    output: str,
-    rows: np.ndarray,
-    *,
-    shard_size: int,
-    fraction: float,
-    parameters: dict[str, Any],
-    engine: Engine,
-    progress: bool,
-) -> dict[str, Any] | None:
-    """The validation split as the dataset OUTPUT/val, in shards about as large as the training
-    ones; what the output manifest records of it (None: no sample held out)."""
-    if not len(rows):
-        return None
-    url = join(output, VAL_NAME)
-    shards = math.ceil(len(rows) / shard_size)
-    entries = _reshard(ds, sel, url, rows, shards, engine, progress, "curate: val")
-    manifest = write_manifest(
-        url,
-        entries,
-        stage=STAGE,
-        parameters={**parameters, "split": VAL_NAME},
-        input_digest=ds.digest,
-        stats={"split": VAL_NAME, "fraction": fraction, "samples": len(rows)},
-    )
-    return {"samples": len(rows), "fraction": fraction, "digest": manifest.digest}
-
-
 def _write_curated(
     ds: Dataset,
     sel: Selection,
@@ -319,14 +339,24 @@ def _write_curated(
             f"only {len(train_rows)} samples kept: writing {len(train_rows)} shards, not {num_shards}"
         )
     stats = sel.stats() | {"num_shards": len(sizes), "shard_sizes": sorted(set(sizes))}
-    with engine:  # one pool for the training and the validation shards
-        train = _reshard(ds, sel, output, train_rows, num_shards, engine, progress, "curate: write")
-        val = _write_val(
-            ds, sel, output, val_rows, shard_size=max(sizes, default=1), fraction=val_fraction,
-            parameters=parameters, engine=engine, progress=progress,
-        )  # fmt: skip
-    if val is not None:
-        stats[VAL_NAME] = val
+    jobs = plan_shards(ds.url, output, sel, train_rows, val_rows, num_shards)
+    written = list(engine.map(write_shard, jobs, desc="curate: write", progress=progress))
+    train = [t for t, _ in written if t is not None]
+    if len(val_rows):
+        val_url = join(output, VAL_NAME)
+        val_manifest = write_manifest(
+            val_url,
+            [v for _, v in written if v is not None],
+            stage=STAGE,
+            parameters={**parameters, "split": VAL_NAME},
+            input_digest=ds.digest,
+            stats={"split": VAL_NAME, "fraction": val_fraction, "samples": len(val_rows)},
+        )
+        stats[VAL_NAME] = {
+            "samples": len(val_rows),
+            "fraction": val_fraction,
+            "digest": val_manifest.digest,
+        }
     rejected = _write_rejected(ds, sel, join(output, REJECTED_NAME))
     assert len(kept) + rejected == sel.samples.num_rows, "kept + rejected != input"
     stats["rejected_sha256"] = sha256_file(join(output, REJECTED_NAME))[0]
