@@ -7,15 +7,19 @@ samples in another order, and a training run that sees other batches (issue 15, 
 ingest stage commits every shard through `write_in_key_order`, the way storage.DatasetWriter
 writes its own: members sorted by (key, extension), mtime 0, mode 0o644, no owner names.
 
-The tar is copied member by member (a seekable read of the crawled file), never held whole.
+The tar is copied member by member (a seekable read of the crawled file), never held whole. On a
+local disk the rewritten file keeps the crawled file's mtime: when a shard was crawled stays
+visible (a resumed crawl's test tells a shard crawled again from one carried over by it).
 """
 
 from __future__ import annotations
 
+import os
 import tarfile
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from storage.fs import atomic_open, filesystem
 
@@ -59,3 +63,7 @@ def write_in_key_order(src: str, dst: str) -> None:
         _parquet_in_key_order(src, dst)
     else:
         raise ValueError(f"{src}: expected a shard's .tar or .parquet")
+    fs, path = filesystem(src)
+    if isinstance(fs, LocalFileSystem):
+        crawled = os.stat(path)
+        os.utime(filesystem(dst)[1], ns=(crawled.st_atime_ns, crawled.st_mtime_ns))

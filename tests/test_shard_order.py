@@ -60,3 +60,12 @@ def test_two_crawl_orders_give_the_same_bytes_in_key_order(tmp_path):
 def test_other_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"x\.json: expected a shard's \.tar or \.parquet"):
         write_in_key_order(str(tmp_path / "x.json"), str(tmp_path / "y.json"))
+
+
+def test_the_rewritten_shard_keeps_the_crawl_time(tmp_path):
+    import os
+
+    crawled_tar(tmp_path / "in.tar", 1)
+    os.utime(tmp_path / "in.tar", ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))
+    write_in_key_order(str(tmp_path / "in.tar"), str(tmp_path / "out.tar"))
+    assert (tmp_path / "out.tar").stat().st_mtime_ns == 1_600_000_000 * 10**9
