@@ -308,11 +308,18 @@ def load_clip(
 
     The tokenizer: `tokenizer` if given; else OpenAI's for a model with its vocabulary; else the
     BPE a training run saved (`tokenizer.json` beside the checkpoint or in the run folder above
-    its `checkpoints/`).
+    its `checkpoints/`). The checkpoint and the tokenizer may be fsspec URLs (`s3://...`): read
+    from a local copy (storage.fs.local_path).
     """
+    from storage.fs import is_local, local_path
+
+    if not is_local(str(checkpoint)):
+        return _load_remote_clip(str(checkpoint), tokenizer, model, allow_torchscript)
     path = Path(checkpoint).resolve()
     clip = from_state_dict(path, config=model, allow_torchscript=allow_torchscript)
     config = clip.config
+    if tokenizer is not None and not is_local(str(tokenizer)):
+        tokenizer = local_path(str(tokenizer))
     if tokenizer is None and config.tokenizer != "openai":
         folder = path if path.is_dir() else path.parent
         candidates = [folder / TOKENIZER_FILE, folder.parent / TOKENIZER_FILE]
@@ -329,3 +336,20 @@ def load_clip(
             f"tokenizer {tok.name} has {tok.vocab_size} ids, the model {config.vocab_size}"
         )
     return LoadedClip(clip, tok, config.image_size, model_digest(clip, tok), str(path))
+
+
+def _load_remote_clip(
+    url: str, tokenizer: str | os.PathLike | None, model: Any, allow_torchscript: bool
+) -> LoadedClip:
+    """`load_clip` of a checkpoint file on object storage: the file and its run's tokenizer (beside
+    it or one folder up, as for a local run) read through local copies."""
+    from storage.fs import exists, join, local_path
+
+    if tokenizer is None:
+        folder = url.rstrip("/").rsplit("/", 1)[0]
+        candidates = [join(folder, TOKENIZER_FILE), join(folder.rsplit("/", 1)[0], TOKENIZER_FILE)]
+        tokenizer = next((local_path(c) for c in candidates if exists(c)), None)
+    loaded = load_clip(
+        local_path(url), tokenizer=tokenizer, model=model, allow_torchscript=allow_torchscript
+    )
+    return loaded._replace(checkpoint=url)

@@ -402,24 +402,24 @@ def _log_outputs(
     import mlflow
 
     from clip_model.pyfunc import log_pyfunc_model
-    from storage.fs import local_path
+    from storage.fs import local_path  # MLflow logs local files; out_dir may be object storage
 
     mlflow.set_tracking_uri(uri)
     mlflow.flush_async_logging()  # the per-step metrics MLFlowLogger queued
     info: dict[str, Any] = {"tracking_uri": uri, "run_id": run_id}
     with mlflow.start_run(run_id=run_id):  # reopens the child run MLFlowLogger closed
         mlflow.log_metrics({k: v for k, v in result["metrics"].items() if k.startswith("val/")})
-        mlflow.log_artifact(result["config"])
-        if result["tokenizer"] != "openai":
-            mlflow.log_artifact(local_path(result["tokenizer"]))
+        mlflow.log_artifact(local_path(result["config"]))
+        tokenizer = result["tokenizer"]
+        if tokenizer != "openai":
+            tokenizer = local_path(tokenizer)
+            mlflow.log_artifact(tokenizer)
         if result["checkpoint"]:
-            mlflow.log_artifact(result["checkpoint"], artifact_path="checkpoints")
+            mlflow.log_artifact(local_path(result["checkpoint"]), artifact_path="checkpoints")
         if cfg.mlflow.log_model:
             model_info = log_pyfunc_model(
                 module.model,
-                tokenizer=result["tokenizer"]
-                if result["tokenizer"] == "openai"
-                else local_path(result["tokenizer"]),
+                tokenizer=tokenizer,
                 registered_model_name=cfg.mlflow.registered_model,
             )
             info["model_uri"] = model_info.model_uri
@@ -438,7 +438,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after tokenising
     try:
-        cfg = load_config(args.config, args.overrides)
+        config = args.config
+        if config and "://" in config:  # the flow's out_dir on object storage: a local copy
+            from storage.fs import local_path
+
+            config = local_path(config)
+        cfg = load_config(config, args.overrides)
         check_hardware(cfg)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

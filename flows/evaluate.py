@@ -33,6 +33,7 @@ from prefect import flow, get_run_logger
 from clip_model.checkpoint import resolve_weights
 from clip_model.precision import parse_precision
 from flows import cli
+from storage.fs import join, local_path
 from storage.tracking import fetch_registered_model, is_model_uri, link_evaluation, stage_run
 from tasks.evaluate import (
     EvaluateResult,
@@ -85,7 +86,7 @@ def evaluate(
     registered = fetch_registered_model(checkpoint) if is_model_uri(checkpoint) else None
     weights = registered.weights if registered else checkpoint
     clip = load_model(weights, tokenizer, allow_torchscript, model)
-    checkpoint_sha256 = file_sha256(resolve_weights(weights)[0])
+    checkpoint_sha256 = file_sha256(resolve_weights(local_path(weights))[0])
     tokenizer_file = getattr(clip.tokenizer, "path", None)
     identity = {
         "checkpoint": checkpoint,
@@ -134,11 +135,13 @@ def evaluate(
         )
         metrics = metrics_of(results)
         header = {**params, "key": key, "mlflow_run_id": run.info.run_id}
-        results_json, plots = write_results(results, str(Path(output) / key[:12]), header)
+        results_json, plots = write_results(results, join(output, key[:12]), header)
         mlflow.log_metrics(mlflow_metrics(metrics))
-        mlflow.log_artifact(results_json)
+        mlflow.log_artifact(
+            local_path(results_json)
+        )  # MLflow logs local files; OUTPUT may be s3://
         for plot in plots:
-            mlflow.log_artifact(plot, artifact_path="plots")
+            mlflow.log_artifact(local_path(plot), artifact_path="plots")
         mlflow.set_tags({"eval.suite": eval_suite.name, "eval.key": key})
         if registered is not None:  # the version's page lists this run and its metrics
             link_evaluation(registered, run.info.run_id, mlflow_metrics(metrics), eval_suite.name)

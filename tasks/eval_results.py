@@ -12,10 +12,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from storage.fs import atomic_write_bytes
+from storage.fs import atomic_write_bytes, filesystem, join
 from storage.output import stage_output
 
 __all__ = ["INDEX_FORMAT", "INDEX_NAME", "STAGE", "add_entry", "claim", "read_index"]
@@ -38,11 +37,13 @@ def claim(output: str, inputs: Sequence[str | None]) -> None:
 
 
 def read_index(output: str) -> dict[str, Any]:
-    path = Path(output) / INDEX_NAME
-    if not path.is_file():
+    path = join(output, INDEX_NAME)  # a folder or an fsspec URL
+    fs, inside = filesystem(path)
+    if not fs.isfile(inside):
         return {"format": INDEX_FORMAT, "runs": {}}
     try:
-        index = json.loads(path.read_text("utf-8"))
+        with fs.open(inside, "rb") as f:
+            index = json.loads(f.read().decode("utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not JSON ({error}); move it away to start afresh") from None
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
@@ -52,7 +53,7 @@ def read_index(output: str) -> dict[str, Any]:
 
 def add_entry(output: str, key: str, entry: dict[str, Any]) -> str:
     """Record `entry` under `key` in OUTPUT/results.json, under OUTPUT's lock; the file's path."""
-    path = Path(output) / INDEX_NAME
+    path = join(output, INDEX_NAME)
     with stage_output(output, stage=STAGE, mode="in_place", lock_wait=LOCK_WAIT) as out:
         index = read_index(output)
         recorded = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

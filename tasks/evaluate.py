@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 import time
 from collections.abc import Sequence
@@ -50,7 +51,7 @@ from clip_model.evaluate import (
     plot_retrieval_examples,
     run_suite,
 )
-from storage.fs import atomic_write_bytes, sha256_file
+from storage.fs import atomic_write_bytes, exists, join, local_output, sha256_file
 from storage.output import stage_output
 from tasks.eval_results import INDEX_NAME, STAGE, add_entry, claim, read_index
 from tasks.params.evaluate import check_task_data
@@ -103,7 +104,7 @@ def load_model(
     a CLIP checkpoint (this project's step-N.ckpt or export, OpenAI's or OpenCLIP's weights).
     `model`: the architecture (preset or config file) of weights that do not say it. A
     TorchScript archive loads only with `allow_torchscript` (it runs code as it loads)."""
-    if not Path(checkpoint).exists():
+    if not exists(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     try:
         return load_clip(
@@ -183,12 +184,12 @@ def find_previous(output: str, key: str) -> EvaluateResult | None:
         {
             **entry,
             "output": output,
-            "results_json": str(Path(output) / entry["results_json"]),
-            "plots": [str(Path(output) / p) for p in entry.get("plots", [])],
+            "results_json": join(output, entry["results_json"]),
+            "plots": [join(output, p) for p in entry.get("plots", [])],
             "skipped": True,
         }
     )
-    if not all(Path(p).is_file() for p in [result.results_json, *result.plots]):
+    if not all(exists(p) for p in [result.results_json, *result.plots]):
         get_run_logger().warning("%s: files of run %s are missing; recomputing", output, key[:12])
         return None
     return result
@@ -204,10 +205,10 @@ def claim_output(output: str, inputs: Sequence[str | None]) -> None:
 def record_result(result: EvaluateResult) -> str:
     """Add `result` to OUTPUT/results.json under its key (paths relative to OUTPUT), under
     OUTPUT's lock (tasks/eval_results.py)."""
-    output = Path(result.output)
+    output = result.output  # a folder or a URL: the files' names were joined onto it
     entry = result.model_dump(exclude={"output", "skipped"})
-    entry["results_json"] = str(Path(result.results_json).relative_to(output))
-    entry["plots"] = [str(Path(p).relative_to(output)) for p in result.plots]
+    entry["results_json"] = posixpath.relpath(result.results_json, output)
+    entry["plots"] = [posixpath.relpath(p, output) for p in result.plots]
     return add_entry(result.output, result.key, entry)
 
 
@@ -279,25 +280,28 @@ def write_results(
     with stage_output(
         run_dir, stage=STAGE, identity=identity, force=True, seal="results.json"
     ) as out:
-        plots = _write_run(results, Path(out.staging), header)
+        names = _write_run(results, out.staging, header)
         out.commit()
-    return str(Path(run_dir) / "results.json"), [str(Path(run_dir) / Path(p).name) for p in plots]
+    return join(run_dir, "results.json"), [join(run_dir, name) for name in names]
 
 
-def _write_run(results: dict[str, TaskResult], out: Path, header: dict[str, Any]) -> list[str]:
+def _write_run(results: dict[str, TaskResult], out: str, header: dict[str, Any]) -> list[str]:
+    """The plots and results.json into the folder or URL `out`; the plots' file names."""
     plots = []
     for name, r in results.items():
         if r.confusion is not None and r.classnames:
             title = f"{name}: zero-shot acc1 {r.metrics.get('acc1', float('nan')):.3f}"
-            path = out / f"confusion_{_file_name(name)}.png"
-            plots.append(str(plot_confusion_matrix(r.confusion, r.classnames, path, title=title)))
+            plots.append(f"confusion_{_file_name(name)}.png")
+            with local_output(join(out, plots[-1])) as path:  # matplotlib writes local files
+                plot_confusion_matrix(r.confusion, r.classnames, Path(path), title=title)
         if r.examples:
             recall = r.metrics.get("text_retrieval_recall@5", float("nan"))
             title = f"{name}: top-5 captions per image (text_retrieval_recall@5 {recall:.3f})"
-            path = out / f"retrieval_{_file_name(name)}.png"
-            plots.append(str(plot_retrieval_examples(r.examples, path, title=title)))
+            plots.append(f"retrieval_{_file_name(name)}.png")
+            with local_output(join(out, plots[-1])) as path:
+                plot_retrieval_examples(r.examples, Path(path), title=title)
     document = {**header, "tasks": {name: r.to_dict() for name, r in results.items()}}
-    atomic_write_bytes(str(out / "results.json"), json.dumps(document, indent=2).encode())
+    atomic_write_bytes(join(out, "results.json"), json.dumps(document, indent=2).encode())
     return plots
 
 

@@ -44,7 +44,7 @@ from storage.embeddings import (
     ModelIdentity,
     search_faiss,
 )
-from storage.fs import filesystem, join
+from storage.fs import exists, filesystem, join
 
 __all__ = [
     "Hit",
@@ -201,7 +201,7 @@ class SearchIndex:
             )
         if clip is None:
             source = checkpoint or manifest.model.checkpoint
-            if not Path(source).exists():
+            if not exists(source):  # a path or an fsspec URL
                 raise FileNotFoundError(
                     f"{url} was built with the checkpoint {source}, which is not there; pass the "
                     "same model with --checkpoint"

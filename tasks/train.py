@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from clip_model.progress import ENV as PROGRESS_ENV
 from clip_model.progress import progress_enabled
 from clip_model.train import TrainConfig, check_hardware, load_config
-from storage.fs import atomic_write_bytes, filesystem, join
+from storage.fs import atomic_write_bytes, filesystem, is_local, join
 
 __all__ = [
     "TrainResult",
@@ -209,7 +209,9 @@ def launch_command(
     SLURM allocation (Lightning reads each task's SLURM_* variables). The config file and out_dir
     must then be on storage every node reads (a shared filesystem or an object store).
     """
-    trainer = ["-m", "clip_model.train", "--config", filesystem(config_path)[1]]
+    # a URL stays one (every node reads it; the trainer fetches a local copy), a path absolute
+    config = config_path if not is_local(config_path) else filesystem(config_path)[1]
+    trainer = ["-m", "clip_model.train", "--config", config]
     kind = launcher(cfg, env)
     if kind == "python":
         return [sys.executable, *trainer]

@@ -133,3 +133,48 @@ def test_sample_web_under_object_storage_is_refused():
         load_profile("micro", {"data_root": "s3://bucket/clip"})
     with pytest.raises(ProfileError, match=r"sample_web\.dir: .*local folder"):
         load_profile("micro", {"sample_web.dir": "s3://bucket/web"})
+
+
+@pytest.mark.slow
+def test_micro_pipeline_runs_on_object_storage(s3, tmp_path, prefect_harness, mlflow_tmp):
+    from flows.pipeline import clip_pipeline
+
+    cfg = load_profile(
+        "micro",
+        {  # a fixed port: the URL list, and so the crawl, stay the same for the rerun
+            "data_root": "s3://bucket/clip",
+            "sample_web.dir": str(tmp_path / "web"),
+            "sample_web.port": free_port(),
+        },
+    )
+    result = clip_pipeline(config=cfg)
+
+    assert result.dataset == "s3://bucket/clip/ingest/micro"
+    assert result.curated == "s3://bucket/clip/curate/micro"
+    for dataset in ("ingest", "curate"):
+        assert s3.exists(f"bucket/clip/{dataset}/micro/manifest.json")
+    assert result.checkpoint.startswith("s3://bucket/clip/train/micro/run-")
+    assert s3.exists(result.checkpoint)
+    assert s3.exists("bucket/clip/evaluate/micro/results.json")
+    assert s3.glob("bucket/clip/evaluate/micro/*/results.json")
+    assert result.headline["curate/kept"] > 0 and "digits/acc1" in result.headline
+    # nothing of the run's outputs on the local disk (the sample web is the only local folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlruns", "web"], sorted(
+        str(p) for p in tmp_path.rglob("*")
+    )[:50]
+
+    again = clip_pipeline(config=cfg)
+    assert again.reused == ["ingest", "curate", "train", "evaluate"]
+    assert again.checkpoint == result.checkpoint and again.metrics == result.metrics
+
+    # the index of the curated data, built and searched on object storage too
+    from flows.index import index
+    from tasks.search import SearchIndex
+
+    built = index(
+        checkpoint=result.checkpoint, data=result.curated, output="s3://bucket/clip/index/micro"
+    )
+    assert 0 < built.vectors <= result.headline["curate/kept"]
+    assert s3.find("bucket/clip/index/micro")
+    hits = SearchIndex.open("s3://bucket/clip/index/micro").query_text("a red circle", k=3)
+    assert len(hits) == 3 and all(h.key for h in hits)
