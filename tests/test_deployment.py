@@ -158,7 +158,7 @@ def test_deployments_run_on_their_pools_from_a_clone_and_log_to_mlflow_server(se
         run([prefect, "work-pool", "create", pool, "--type", "process"], env)
     out = run([prefect, "--no-prompt", "deploy", "--all"], deploy_env)
     for name in ("clip-pipeline/micro", "ingest/default", "curate/default", "train/default",
-                 "evaluate/default", "index/default", "sample-web/default"):  # fmt: skip
+                 "evaluate/default", "index/default", "sample_web/default"):  # fmt: skip
         assert name in out, out[-3000:]
     worker_env = {k: v for k, v in env.items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
     workers = {
