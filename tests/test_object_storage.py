@@ -136,6 +136,7 @@ def test_sample_web_under_object_storage_is_refused():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # two pipeline runs and an index; past 900 s on a loaded 2-core machine
 def test_micro_pipeline_runs_on_object_storage(s3, tmp_path, prefect_harness, mlflow_tmp):
     from flows.pipeline import clip_pipeline
 
