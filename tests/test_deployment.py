@@ -135,7 +135,7 @@ def flow_run(api: str, output: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # servers, micro and an index through workers; over 900 s on a loaded machine
+@pytest.mark.timeout(2400)  # micro and an index through workers: over 900 s on a loaded machine
 def test_deployments_run_on_their_pools_from_a_clone_and_log_to_mlflow_server(services):
     env, tmp = services["env"], services["tmp"]
     profile = yaml.safe_load((ROOT / "configs/pipeline/micro.yaml").read_text())
