@@ -7,8 +7,9 @@
     ingest (img2dataset) -> curate (filters, dedup, decontamination) -> train (Lightning)
     -> evaluate (zero-shot, retrieval, linear probe)
 
-One MLflow parent run per pipeline run, a nested child run per stage, the headline metrics on the
-parent. A stage whose input digest and parameters are unchanged is reused, not redone, so a rerun
+One MLflow parent run per pipeline run, a nested child run per stage, the headline metrics, the
+training dataset and the model on the parent, and a saved runs-table view that shows them; the
+evaluation scores the registered version (models:/clip/N), linked to it. A stage whose input digest and parameters are unchanged is reused, not redone, so a rerun
 after a failure resumes at the stage that failed.
 """
 
@@ -31,7 +32,16 @@ from flows.curate import curate
 from flows.evaluate import evaluate
 from flows.ingest import ingest, print_summary
 from flows.train import train
-from storage.tracking import stage_run, tracking_uri
+from storage import open_dataset
+from storage.tracking import (
+    fetch_registered_model,
+    log_dataset,
+    log_model_output,
+    registered_uri,
+    share_runs_view,
+    stage_run,
+    tracking_uri,
+)
 from tasks.evaluate import format_results_table, mlflow_metrics
 from tasks.ingest import IngestResult
 from tasks.params.pipeline import PipelineParams
@@ -56,6 +66,7 @@ class PipelineResult(BaseModel):
     metrics: dict[str, dict[str, float]]
     headline: dict[str, float]
     mlflow_run_id: str
+    mlflow_view: str = ""  # the runs table with the headline columns: mlflow ui's URL + this
     reused: list[str]
 
 
@@ -90,8 +101,10 @@ def clip_pipeline(profile: str = "tiny", config: PipelineConfig | None = None) -
             config=cfg.train.config,
             settings=cfg.train_items(curated.dataset, curated.digest),
         )
+        # the registered version when there is one: its page then lists this evaluation
+        model_uri = registered_uri(trained.registered_model, trained.registered_version)
         evaluated = evaluate(
-            checkpoint=trained.checkpoint,
+            checkpoint=model_uri or trained.checkpoint,
             suite=cfg.evaluate.suite,
             root=cfg.evaluate.root or cfg.sample_dir,
             output=cfg.path("evaluate"),
@@ -107,12 +120,17 @@ def clip_pipeline(profile: str = "tiny", config: PipelineConfig | None = None) -
             **mlflow_metrics(evaluated.metrics),
         }
         mlflow.log_metrics(headline)
+        # the runs table: this run's training data, model and headline metrics in view
+        log_dataset(open_dataset(curated.dataset), context="training")
+        if model_uri:
+            log_model_output(run.info.run_id, fetch_registered_model(model_uri).model_id)
+        view = share_runs_view(run.info.experiment_id, "pipeline", list(headline))
         stages = {"ingest": crawled, "curate": curated, "train": trained, "evaluate": evaluated}
         reused = [name for name, r in stages.items() if getattr(r, "skipped", False)]
         mlflow.set_tags(
             {"pipeline.profile": cfg.name, "pipeline.reused_stages": ",".join(reused) or "none"}
         )
-        run_url = f"{tracking_uri()} run {run.info.run_id}"
+        run_url = f"{tracking_uri()} run {run.info.run_id} (mlflow ui: {view})"
         create_markdown_artifact(
             key=f"pipeline-{cfg.name}".lower().replace("_", "-").replace(".", "-"),
             markdown=summary_markdown(cfg, stages, headline, run_url),
@@ -128,6 +146,7 @@ def clip_pipeline(profile: str = "tiny", config: PipelineConfig | None = None) -
         metrics=evaluated.metrics,
         headline=headline,
         mlflow_run_id=run.info.run_id,
+        mlflow_view=view,
         reused=reused,
     )
 
@@ -148,6 +167,7 @@ def run(params: PipelineParams) -> int:
     print(f"\nReused stages: {', '.join(result.reused) or 'none'}")
     print(f"MLflow run {result.mlflow_run_id}; browse every run with:")
     print(f"    .venv/bin/mlflow ui --backend-store-uri {tracking_uri()}")
+    print(f"and open http://127.0.0.1:5000/{result.mlflow_view} (the headline metrics' view)")
     return 0
 
 
