@@ -162,6 +162,7 @@ def test_system_metrics_are_logged_even_for_a_run_shorter_than_one_interval(mlfl
     assert "system/system_memory_usage_megabytes" in metrics
 
 
+@pytest.mark.slow  # two flows, a sample web (~1 min on 2 busy cores)
 def test_evaluate_and_index_take_a_registry_uri_and_the_evaluation_is_linked_to_the_version(
     prefect_harness, mlflow_tmp, tmp_path, monkeypatch
 ):
