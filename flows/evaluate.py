@@ -110,7 +110,7 @@ def evaluate(
         model_id=clip.model_id,
     )
     output = output or default_output(eval_suite)
-    claim_output(output, [checkpoint, suite, root])
+    claim_output(output, [weights, suite, root])  # weights: a local file, registry URIs resolved
 
     previous = None if force else find_previous(output, key)
     if previous is not None:
