@@ -195,6 +195,7 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
     from clip_model.config import ModelConfig
     from clip_model.datamodule import PREFETCH_FACTOR, ClipDataModule
     from clip_model.lightning_module import ClipLightningModule, StepCheckpoint
+    from clip_model.sample_schedule import SampleSchedule
     from clip_model.shared_memory import check_shared_memory
     from clip_model.transforms import eval_transform, train_transform
     from storage import open_dataset
@@ -243,7 +244,8 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
         gradient_clip_val=cfg.grad_clip_norm if cfg.accum_freq == 1 else None,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
         deterministic=cfg.deterministic,
-        callbacks=[checkpoint_cb, *callbacks],
+        # SampleSchedule: resumed at another global batch, the LR plan continues in samples
+        callbacks=[checkpoint_cb, SampleSchedule(), *callbacks],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

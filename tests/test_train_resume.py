@@ -110,3 +110,40 @@ def test_another_world_size_resumes_at_the_same_sample_of_the_epoch(tmp_path):
     with pytest.warns(UserWarning, match="batch 2"):
         four_ranks.load_state_dict(state)  # 80 // 32: the partial global batch is replayed
     assert four_ranks.position.batches == 2
+
+
+@pytest.mark.slow
+def test_resumed_at_twice_the_global_batch_the_lr_plan_and_budget_continue_in_samples(tmp_path):
+    from clip_model.train import load_config, train
+
+    data = write_shapes(tmp_path / "ds", [40, 40, 40, 40])
+    config = micro_config(
+        tmp_path,
+        data,
+        max_steps=12,
+        batch_size=8,
+        workers=0,
+        warmup_steps=3,
+        checkpoint={"every_n_steps": 6, "keep_last": 5},
+    )
+    first = load_config(config, [f"out_dir={tmp_path / 'a'}"])
+    train(first)
+    checkpoint = tmp_path / "a" / "checkpoints" / "step-00000006.ckpt"
+    doubled = load_config(
+        config, [f"out_dir={tmp_path / 'b'}", "batch_size=16", f"resume={checkpoint}"]
+    )
+    with pytest.warns(UserWarning, match="batch_size: 8 -> 16"):
+        result = train(doubled)
+    # 6 planned steps of 8 samples were left: 3 steps of 16
+    assert result["global_step"] == 9
+    planned = {
+        r["step"]: r["train/lr"] for r in map(json.loads, open(tmp_path / "a" / "metrics.jsonl"))
+    }
+    resumed = {
+        r["step"]: r["train/lr"] for r in map(json.loads, open(tmp_path / "b" / "metrics.jsonl"))
+    }
+    assert sorted(resumed) == [7, 8, 9]
+    # step t's logged lr is the multiplier after t - 1 steps, 6 + 2 (t - 7) of the plan's: the
+    # plan logged that one at its step 7 + 2 (t - 7)
+    for step, planned_step in {7: 7, 8: 9, 9: 11}.items():
+        assert resumed[step] == pytest.approx(planned[planned_step], rel=1e-9), (resumed, planned)
