@@ -4,9 +4,8 @@ The ingest flow writes through `storage.output.stage_output` (docs/stage-outputs
 runs in the staging folder's `.ingest/` (img2dataset's own output folder, so its incremental mode
 skips the shards it finished), bound to the URL list's sha256 and the crawl parameters, so a
 changed list or setting starts clean and never reuses another crawl's shards (docs/design.md,
-trap 12). Each finished shard is checked against the staged URL list, rewritten into the dataset
-under its final name in key order (storage/shard_order.py: the same crawl, the same bytes), the
-manifest written last, and the whole swapped into place.
+trap 12). Each finished shard is checked against the staged URL list, moved into the dataset
+under its final name, the manifest written last, and the whole swapped into place.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from tqdm import tqdm
 from storage import Manifest, ShardEntry, describe_shard, write_manifest
 from storage.dataset import DatasetError, shard_name
 from storage.fs import atomic_open, filesystem, join
-from storage.shard_order import write_in_key_order
 from tasks.ingest_report import (
     FAILURE_REASONS,
     IngestResult,
@@ -249,13 +247,13 @@ def commit_shards(url_list: UrlList, output: str, params: CrawlParams) -> list[S
         here = crawled if fs.exists(filesystem(crawled)[1]) else final
         _check_shard(here, name, index, expected_rows, sps)
         for ext in ("parquet", "tar"):  # tar last: a shard counts once its tar is in place
-            src, dst = join(staging, f"{name}.{ext}"), join(output, f"{final_name}.{ext}")
-            if fs.exists(filesystem(src)[1]):
-                # in key order with fixed tar headers, not img2dataset's finishing order and
-                # clock: the same crawl gives the same bytes (storage/shard_order.py)
-                write_in_key_order(src, dst)
-                fs.rm(filesystem(src)[1])
-            elif not fs.exists(filesystem(dst)[1]):
+            src, dst = (
+                filesystem(join(staging, f"{name}.{ext}"))[1],
+                filesystem(join(output, f"{final_name}.{ext}"))[1],
+            )
+            if fs.exists(src):
+                fs.mv(src, dst)
+            elif not fs.exists(dst):
                 raise DatasetError(f"{join(staging, name)}.{ext}: finished shard has no {ext}")
         entries.append(describe_shard(output, final_name))
     return entries
