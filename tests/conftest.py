@@ -14,6 +14,11 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes over ~30 s (`-m 'not slow'` leaves it out)")
+    # Weights fetched from a models:/ URI are cached per user (storage.tracking); a test run
+    # keeps its own cache instead of filling the home folder of whoever runs it.
+    if "CLIP_PIPELINE_CACHE" not in os.environ:
+        cache = Path(config.rootpath) / ".pytest_cache" / "clip-pipeline"
+        os.environ["CLIP_PIPELINE_CACHE"] = str(cache)
 
 
 @pytest.fixture(scope="session")
