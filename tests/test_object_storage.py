@@ -136,7 +136,7 @@ def test_sample_web_under_object_storage_is_refused():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # the pipeline took over 900 s on a loaded 2-core machine
+@pytest.mark.timeout(2400)  # two pipeline runs and an index; past 900 s on a loaded 2-core machine
 def test_micro_pipeline_runs_on_object_storage(s3, tmp_path, prefect_harness, mlflow_tmp):
     from flows.pipeline import clip_pipeline
 
@@ -162,3 +162,19 @@ def test_micro_pipeline_runs_on_object_storage(s3, tmp_path, prefect_harness, ml
     # nothing of the run's outputs on the local disk: the sample web and MLflow's store only
     local = sorted(p.name for p in tmp_path.iterdir())
     assert [n for n in local if n != "web" and not n.startswith(("mlflow", "mlruns"))] == [], local
+
+    again = clip_pipeline(config=cfg)
+    assert again.reused == ["ingest", "curate", "train", "evaluate"]
+    assert again.checkpoint == result.checkpoint and again.metrics == result.metrics
+
+    # the index of the curated data, built and searched on object storage too
+    from flows.index import index
+    from tasks.search import SearchIndex
+
+    built = index(
+        checkpoint=result.checkpoint, data=result.curated, output="s3://bucket/clip/index/micro"
+    )
+    assert 0 < built.vectors <= result.headline["curate/kept"]
+    assert s3.find("bucket/clip/index/micro")
+    hits = SearchIndex.open("s3://bucket/clip/index/micro").query_text("a red circle", k=3)
+    assert len(hits) == 3 and all(h.key for h in hits)
