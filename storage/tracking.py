@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -106,11 +107,16 @@ def prefect_tags() -> dict[str, str]:
     return tags
 
 
+# MLflow's parameter names: alphanumerics, '_', '-', '.', ' ', ':' and '/'; a metric name such as
+# `recall@5` in a profile's goals becomes `recall_5`.
+_NOT_IN_A_PARAM_NAME = re.compile(r"[^\w\-. :/]")
+
+
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested parameters as MLflow's flat `a.b.c` keys (values cut to MLflow's 6000 chars)."""
     flat: dict[str, str] = {}
     for k, v in params.items():
-        name = f"{prefix}{k}"
+        name = _NOT_IN_A_PARAM_NAME.sub("_", f"{prefix}{k}")
         if isinstance(v, Mapping):
             flat.update(flatten_params(v, f"{name}."))
         else:

@@ -202,3 +202,16 @@ def test_evaluate_and_index_take_a_registry_uri_and_the_evaluation_is_linked_to_
         checkpoint="models:/clip-eval@champion", data=shapes, output=str(tmp_path / "index")
     )
     assert built.vectors == 24 and built.model_id == load_clip(fetched.weights).model_id
+
+
+def test_every_parameter_name_a_config_can_hold_is_logged(mlflow_tmp):
+    """A profile's goals name metrics such as `retrieval/image_retrieval_recall@5`: MLflow refuses
+    '@' in a parameter name, and `make sample` died logging its own profile."""
+    params = {"goals": {"metrics": {"retrieval/image_retrieval_recall@5": 0.9, "a b+c": 1}}}
+    with stage_run("pipeline", params=params) as run:
+        pass
+    logged = MlflowClient(mlflow_tmp).get_run(run.info.run_id).data.params
+    assert logged == {
+        "goals.metrics.retrieval/image_retrieval_recall_5": "0.9",
+        "goals.metrics.a b_c": "1",
+    }
