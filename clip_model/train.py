@@ -70,7 +70,7 @@ __all__ = [
 
 
 def _resolve_resume(cfg: TrainConfig) -> str | None:
-    from clip_model.lightning_module import latest_checkpoint
+    from clip_model.step_checkpoint import latest_checkpoint
     from storage.fs import exists
 
     if cfg.resume is None:
@@ -194,9 +194,10 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
 
     from clip_model.config import ModelConfig
     from clip_model.datamodule import PREFETCH_FACTOR, ClipDataModule
-    from clip_model.lightning_module import ClipLightningModule, StepCheckpoint
+    from clip_model.lightning_module import ClipLightningModule
     from clip_model.sample_schedule import SampleSchedule
     from clip_model.shared_memory import check_shared_memory
+    from clip_model.step_checkpoint import StepCheckpoint
     from clip_model.transforms import eval_transform, train_transform
     from storage import open_dataset
     from storage.fs import atomic_write_bytes, join

@@ -155,7 +155,7 @@ def resume_unfinished(cfg: TrainConfig, key: str) -> TrainConfig:
     Checkpoints of another training (another key, or none recorded) are left for the trainer to
     refuse (it names them and `resume=auto`): they are never silently continued or pruned.
     """
-    from clip_model.lightning_module import latest_checkpoint
+    from clip_model.step_checkpoint import latest_checkpoint
 
     started = join(cfg.out_dir, STARTED_FILE)
     fs, path = filesystem(started)
