@@ -15,7 +15,8 @@ The suite (configs/eval/*.yaml, see clip_model/eval_suite.py) lists the tasks; -
 "{root}" in its dataset paths. Results: MLflow (stage "evaluate": `<task>/<metric>` metrics, the
 results JSON, a confusion matrix per classification task, a grid of retrieval examples), a Prefect
 table artifact, OUTPUT/<key>/ (the same files) and a printed table. A rerun with the same
-model, suite, root, tasks and precision returns the recorded result (--force recomputes).
+model, suite, root, tasks and precision returns the recorded result (--force recomputes). OUTPUT
+holding anything but evaluations is refused; --force replaces it.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def evaluate(
         model_id=clip.model_id,
     )
     output = output or default_output(eval_suite)
-    claim_output(output, [weights, suite, root])  # weights: a local file, registry URIs resolved
+    # weights: a local file, registry URIs resolved; --force also replaces a foreign OUTPUT
+    claim_output(output, [weights, suite, root], force)
 
     previous = None if force else find_previous(output, key)
     if previous is not None:

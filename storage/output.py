@@ -389,13 +389,23 @@ def _refuse_dangerous(loc: _Location) -> None:
 
 
 def _ownership(
-    loc: _Location, stage: str, identity: Any, force: bool
+    loc: _Location,
+    stage: str,
+    identity: Any,
+    force: bool,
+    legacy: Callable[[str], bool] | None = None,
+    info: Callable[[str], None] = log.info,
 ) -> tuple[OutputRecord | None, bool, list[str]]:
     """(the output's record, whether it is this stage's for `identity`, its entries); refuses a
     non-empty output that is not, unless `force`."""
     entries = _entries(loc, loc.path)
     record = _read_json_record(loc.fs, posixpath.join(loc.path, RECORD_NAME)) if entries else None
     digest = identity_digest(identity)
+    if entries and record is None and legacy is not None and legacy(loc.url(loc.path)):
+        # written by this stage before outputs carried a record: adopted, its files kept (the
+        # record is written when the run opens the output)
+        info(f"{loc.given}: an output of the {stage} stage from before output records; kept")
+        record = OutputRecord(stage=stage, identity=digest, state="committed")
     ours = (
         record is not None
         and record.stage == stage
@@ -454,6 +464,7 @@ def stage_output(
     seal: str | None = None,
     lock_wait: float = 0.0,
     ttl: float = DEFAULT_TTL,
+    legacy: Callable[[str], bool] | None = None,
     info: Callable[[str], None] | None = None,
 ) -> Iterator[StageOutput]:
     """Open the output `url` of `stage` for one run (see the module docstring).
@@ -462,6 +473,9 @@ def stage_output(
     stage is this run's). `resume`: keep a partial staging of the same identity. `seal`: the file
     whose presence makes the output complete (`manifest.json` for a dataset), checked at commit
     and copied last on an object store. `lock_wait`: seconds to wait for another run's lock.
+    `legacy(url)`: whether a non-empty output without a record is this stage's output for this
+    identity, written before outputs carried records (then it is kept as this stage's, not
+    refused as foreign); the stage must recognise its own files positively (a format tag).
     """
     info = info or log.info
     inputs = [str(i) for i in inputs if i is not None]
@@ -481,7 +495,7 @@ def stage_output(
             for name in _entries(loc, loc.parent):
                 if name.startswith(f".{loc.name}.old-"):
                     _remove(loc, posixpath.join(loc.parent, name))
-        record, ours, entries = _ownership(loc, stage, identity, force)
+        record, ours, entries = _ownership(loc, stage, identity, force, legacy, info)
         out.record = record
         if entries and not ours:
             _refuse_dangerous(loc)

@@ -27,13 +27,32 @@ STAGE = "evaluate"
 LOCK_WAIT = 300.0
 
 
-def claim(output: str, inputs: Sequence[str | None]) -> None:
+def claim(output: str, inputs: Sequence[str | None], force: bool = False) -> None:
     """Bind OUTPUT to this stage: refused if it is, holds or lies inside an input, or holds
-    anything but evaluations."""
+    anything but evaluations (unless `force`, which replaces it). An OUTPUT written before
+    outputs carried a record is recognised by its results index, and kept."""
     with stage_output(
-        output, stage=STAGE, inputs=inputs, mode="in_place", lock_wait=LOCK_WAIT
+        output,
+        stage=STAGE,
+        inputs=inputs,
+        force=force,
+        mode="in_place",
+        lock_wait=LOCK_WAIT,
+        legacy=_holds_an_index,
     ) as out:
         out.commit()
+
+
+def _holds_an_index(output: str) -> bool:
+    """OUTPUT/results.json is an evaluation results index: OUTPUT is this stage's."""
+    fs, inside = filesystem(join(output, INDEX_NAME))
+    if not fs.isfile(inside):
+        return False
+    try:
+        read_index(output)
+    except ValueError:
+        return False
+    return True
 
 
 def read_index(output: str) -> dict[str, Any]:

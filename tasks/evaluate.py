@@ -196,9 +196,10 @@ def find_previous(output: str, key: str) -> EvaluateResult | None:
 
 
 @task(name="claim-evaluation-output", cache_policy=NONE)
-def claim_output(output: str, inputs: Sequence[str | None]) -> None:
-    """Bind OUTPUT to this stage before any work (tasks/eval_results.py)."""
-    claim(output, inputs)
+def claim_output(output: str, inputs: Sequence[str | None], force: bool = False) -> None:
+    """Bind OUTPUT to this stage before any work (tasks/eval_results.py); `force` replaces a
+    folder that holds anything but evaluations."""
+    claim(output, inputs, force)
 
 
 @task(name="record-evaluation", cache_policy=NONE)

@@ -26,6 +26,7 @@ from clip_model.eval_data import EvalDataError
 from clip_model.eval_suite import EvalSuiteError, load_suite
 from clip_model.evaluate import flat_metrics, run_suite
 from flows.evaluate import evaluate
+from storage import OutputError
 from tasks.evaluate import INDEX_NAME, format_results_table, mlflow_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,6 +212,33 @@ def test_rerun_with_the_same_checkpoint_content_returns_the_recorded_result(
     index = json.loads((Path(out) / INDEX_NAME).read_text())
     assert set(index["runs"]) == {first.key, changed.key}
     assert len(runs(mlflow_tmp)) == 3
+
+
+def test_an_output_from_before_output_records_is_kept_and_force_replaces_a_foreign_one(
+    prefect_harness, mlflow_tmp, web, suite, exported, tmp_path
+):
+    """An OUTPUT evaluate wrote before outputs carried `.output.json` (only its results.json)
+    is this stage's: evaluated into without --force, its entries kept. A folder holding anything
+    else is refused naming --force, and --force replaces it."""
+    common = dict(checkpoint=str(exported), suite=str(suite), root=str(web), tasks=["digits"])
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    earlier = {"format": "clip-eval-results/1", "runs": {"0" * 64: {"results_json": "x.json"}}}
+    (legacy / INDEX_NAME).write_text(json.dumps(earlier))
+    result = evaluate(output=str(legacy), **common)
+    assert not result.skipped
+    index = json.loads((legacy / INDEX_NAME).read_text())
+    assert set(index["runs"]) == {"0" * 64, result.key}
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not an evaluation")
+    with pytest.raises(OutputError, match="--force"):
+        evaluate(output=str(foreign), **common)
+    assert (foreign / "notes.txt").is_file()
+    forced = evaluate(output=str(foreign), force=True, **common)
+    assert not (foreign / "notes.txt").exists()
+    assert list(json.loads((foreign / INDEX_NAME).read_text())["runs"]) == [forced.key]
 
 
 def test_a_training_runs_lightning_checkpoint_is_read_with_the_runs_tokenizer(

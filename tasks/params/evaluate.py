@@ -37,7 +37,9 @@ class EvaluateParams(BaseModel):
     tokenizer: str | None = Field(
         None, description="tokenizer file (default: the checkpoint's, or OpenAI's)"
     )
-    force: bool = Field(False, description="recompute even if already evaluated")
+    force: bool = Field(
+        False, description="recompute even if evaluated; replace an OUTPUT holding no evaluations"
+    )
     batch_size: int = Field(128, gt=0, description="images per batch")
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda:0, ...")
     num_workers: int = Field(

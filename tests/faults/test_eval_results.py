@@ -63,3 +63,45 @@ def test_an_evaluation_output_inside_its_data_root_is_refused(tmp_path):
     with pytest.raises(OutputError, match="lies inside the input"):
         claim(str(root / "results"), [None, str(tmp_path / "suite.yaml"), str(root)])
     assert sorted(p.name for p in root.iterdir()) == ["captions.jsonl"]
+
+
+def _legacy_output(output: Path) -> dict:
+    """An evaluate OUTPUT as written before outputs carried `.output.json`: the results index
+    and one run's folder, nothing else."""
+    from tasks.eval_results import INDEX_FORMAT
+
+    (output / "abc123def456").mkdir(parents=True)
+    (output / "abc123def456" / "results.json").write_text('{"tasks": {}}')
+    index = {
+        "format": INDEX_FORMAT,
+        "runs": {"abc123def456" * 5: {"results_json": "abc123def456/results.json"}},
+    }
+    (output / "results.json").write_text(json.dumps(index))
+    return index
+
+
+def test_an_evaluation_output_from_before_output_records_is_kept_as_this_stages(tmp_path):
+    from storage.output import read_record
+    from tasks.eval_results import add_entry, claim, read_index
+
+    output = tmp_path / "eval"
+    legacy = _legacy_output(output)
+    claim(str(output), [None, str(tmp_path / "suite.yaml"), None])  # no --force needed
+    assert read_record(str(output)).stage == "evaluate"
+    add_entry(str(output), "new", {"results_json": "new/results.json"})
+    runs = read_index(str(output))["runs"]
+    assert set(runs) == {*legacy["runs"], "new"}  # the earlier evaluations kept
+    assert (output / "abc123def456" / "results.json").is_file()
+
+
+def test_a_foreign_evaluation_output_is_refused_naming_force_and_force_replaces_it(tmp_path):
+    from tasks.eval_results import claim
+
+    output = tmp_path / "eval"
+    output.mkdir()
+    (output / "results.json").write_text('{"not": "an evaluation index"}')
+    with pytest.raises(OutputError, match="--force"):
+        claim(str(output), [None, str(tmp_path / "suite.yaml"), None])
+    assert (output / "results.json").is_file()  # refused: untouched
+    claim(str(output), [None, str(tmp_path / "suite.yaml"), None], force=True)
+    assert sorted(p.name for p in output.iterdir()) == [".output.json"]
