@@ -8,9 +8,17 @@ Precision and plain accumulation are the Trainer's (`precision="bf16-mixed"`,
 `accumulate_grad_batches`: negatives from the micro-batch only); `accum_freq` is OpenCLIP's
 accumulation, whose loss sees the whole batch (manual optimisation, `_accumulating_step`).
 
-Every optimizer step logs train/loss, train/lr, train/temperature and train/global_batch, and
-rank 0 appends the same record to `metrics_path` (JSONL): that file is what the resume test
-compares. The step never reads a device tensor on the host (on a GPU that waits for the step to
+The loss is CLIP's InfoNCE (`loss="clip"`) or SigLIP's pairwise sigmoid (`loss="siglip"`,
+clip_model/loss.py): its learnable bias `loss_fn.logit_bias` (init -10, the temperature's logit
+starting at log 10, as OpenCLIP's `--siglip`) is a parameter of this module, so the optimizer
+updates it (no weight decay, like the temperature) and the checkpoint keeps it
+(`state_dict["loss_fn.logit_bias"]`). OpenCLIP keeps the bias on the model instead; here the
+model is what embedding, evaluation and export use, where a ranking needs no bias, and its
+tensors stay those of every other CLIP.
+
+Every optimizer step logs train/loss, train/lr, train/temperature and train/global_batch (and
+train/logit_bias with SigLIP), and rank 0 appends the same record to `metrics_path` (JSONL):
+that file is what the resume test compares. The step never reads a device tensor on the host (on a GPU that waits for the step to
 finish): each step's loss and temperature stay on the device and are read together every
 `log_every` steps (and before a checkpoint, and at the end), with perf/samples_per_s and
 perf/data_wait_frac (time spent waiting for the next batch / wall time) over that window.
@@ -30,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from clip_model.config import ModelConfig
-from clip_model.loss import ClipLoss
+from clip_model.loss import ClipLoss, SigLipLoss, world_size
 from clip_model.model import create_model
 from clip_model.retrieval import gather_retrieval_features, retrieval_metrics
 from clip_model.step_checkpoint import StepCheckpoint, latest_checkpoint  # re-exported
@@ -39,6 +47,7 @@ from storage.fs import atomic_write_bytes, filesystem
 __all__ = ["ClipLightningModule", "StepCheckpoint", "cosine_with_warmup", "latest_checkpoint"]
 
 MAX_LOGIT_SCALE = math.log(100)
+LOSSES = ("clip", "siglip")  # CLIP's InfoNCE, SigLIP's pairwise sigmoid (clip_model/loss.py)
 
 
 def cosine_with_warmup(
@@ -52,7 +61,8 @@ def cosine_with_warmup(
 
 
 def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """Gains, biases, embeddings and the temperature are not decayed (as OpenCLIP)."""
+    """Gains, biases, embeddings, the temperature and SigLIP's logit bias (a scalar) are not
+    decayed (as OpenCLIP)."""
     return param.ndim < 2 or "embedding" in name or "logit_scale" in name
 
 
@@ -89,6 +99,16 @@ class _MeasuredClipLoss(ClipLoss):
         return logits_per_image, logits_per_text
 
 
+class _MeasuredSigLipLoss(SigLipLoss):
+    """SigLipLoss that remembers the global batch: each image meets every rank's texts."""
+
+    last_global_batch: int = 0
+
+    def forward(self, image_features: torch.Tensor, *args: Any) -> torch.Tensor:
+        self.last_global_batch = image_features.shape[0] * world_size()
+        return super().forward(image_features, *args)
+
+
 class ClipLightningModule(L.LightningModule):
     def __init__(
         self,
@@ -100,6 +120,7 @@ class ClipLightningModule(L.LightningModule):
         eps: float = 1e-6,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.0,
+        loss: str = "clip",
         local_loss: bool = False,
         gather_with_grad: bool = True,
         accum_freq: int = 1,
@@ -114,6 +135,8 @@ class ClipLightningModule(L.LightningModule):
         super().__init__()
         if accum_freq < 1 or log_every < 1:
             raise ValueError(f"accum_freq={accum_freq}, log_every={log_every}: must be >= 1")
+        if loss not in LOSSES:
+            raise ValueError(f"loss={loss!r}: expected one of {', '.join(LOSSES)}")
         config = ModelConfig.load(model)
         # the resolved config goes into the checkpoint: it rebuilds the model without presets
         self.save_hyperparameters(
@@ -125,6 +148,7 @@ class ClipLightningModule(L.LightningModule):
                 "eps": eps,
                 "warmup_steps": warmup_steps,
                 "min_lr_ratio": min_lr_ratio,
+                "loss": loss,
                 "local_loss": local_loss,
                 "gather_with_grad": gather_with_grad,
                 "accum_freq": accum_freq,
@@ -138,7 +162,14 @@ class ClipLightningModule(L.LightningModule):
             self.model.visual.to(memory_format=torch.channels_last)
         if compile:  # in place: parameter names, hence checkpoints, stay those of the model
             self.model.compile()
-        self.loss_fn = _MeasuredClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)
+        if loss == "siglip":  # the paper's init: t = 10 (b = -10 is the loss's own)
+            with torch.no_grad():
+                self.model.logit_scale.fill_(SigLipLoss.INIT_LOGIT_SCALE)
+            self.loss_fn: ClipLoss | SigLipLoss = _MeasuredSigLipLoss()
+        else:
+            self.loss_fn = _MeasuredClipLoss(
+                local_loss=local_loss, gather_with_grad=gather_with_grad
+            )
         self.accum_freq, self.grad_clip_norm = accum_freq, grad_clip_norm
         # OpenCLIP's accumulation runs its own backward passes (see _accumulating_step); the
         # Trainer's clipping is not available there, so this module clips (grad_clip_norm)
@@ -158,7 +189,7 @@ class ClipLightningModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         decay, plain = [], []
-        for name, param in self.model.named_parameters():
+        for name, param in self.named_parameters():  # the model's, then the loss's (SigLIP)
             if param.requires_grad:
                 (plain if no_weight_decay(name, param) else decay).append(param)
         optimizer = torch.optim.AdamW(
@@ -243,10 +274,34 @@ class ClipLightningModule(L.LightningModule):
         if self.accum_freq > 1:
             return self._accumulating_step(batch, batch_idx)
         image_features, text_features, logit_scale = self.model(self._images(batch), batch["text"])
-        loss = self.loss_fn(image_features, text_features, logit_scale)
+        loss = self._loss(image_features, text_features, logit_scale)
         self._losses.append(loss.detach())
-        self._logit_scale = logit_scale.detach()
+        self._keep_scalars(logit_scale)
         return loss
+
+    def _loss(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        *,
+        learn_scalars: bool = True,
+    ) -> torch.Tensor:
+        """The loss; `learn_scalars=False`: the temperature and SigLIP's bias as constants (the
+        earlier passes of accum_freq, whose gradient is the features' alone)."""
+        if learn_scalars:
+            return self.loss_fn(image_features, text_features, logit_scale)
+        if isinstance(self.loss_fn, SigLipLoss):
+            bias = self.loss_fn.logit_bias.detach()
+            return self.loss_fn(image_features, text_features, logit_scale.detach(), bias)
+        return self.loss_fn(image_features, text_features, logit_scale.detach())
+
+    def _keep_scalars(self, logit_scale: torch.Tensor) -> None:
+        """The step's temperature (and SigLIP's bias), on the device until the window is read;
+        the bias cloned, as the optimizer is about to change the parameter in place."""
+        self._logit_scale = logit_scale.detach()
+        if isinstance(self.loss_fn, SigLipLoss):
+            self._logit_bias = self.loss_fn.logit_bias.detach().clone()
 
     def _images(self, batch: dict[str, Any]) -> torch.Tensor:
         images = batch["image"]
@@ -265,7 +320,8 @@ class ClipLightningModule(L.LightningModule):
         Each backward adds the gradient through one micro-batch's features, so their sum is the
         gradient of the full-batch loss, with at most two micro-batches' activations alive (the
         closing one is not encoded twice: OpenCLIP's loop encodes every micro-batch twice). The
-        temperature's own gradient is taken once (the last pass), not once per micro-batch.
+        temperature's own gradient (and SigLIP's bias's) is taken once (the last pass), not once
+        per micro-batch.
         Under DDP the earlier passes accumulate locally (no_sync); the last one all-reduces.
         """
         images, text = self._images(batch), batch["text"]
@@ -289,9 +345,9 @@ class ClipLightningModule(L.LightningModule):
         for j, (images, text) in enumerate(micro):
             with block_sync() if block_sync is not None else contextlib.nullcontext():
                 image_j, text_j, scale_j = self.model(images, text)
-                loss = self.loss_fn(*whole_batch(j, image_j, text_j), scale_j.detach())
+                loss = self._loss(*whole_batch(j, image_j, text_j), scale_j, learn_scalars=False)
                 self.manual_backward(loss)
-        loss = self.loss_fn(*whole_batch(len(micro), image_last, text_last), logit_scale)
+        loss = self._loss(*whole_batch(len(micro), image_last, text_last), logit_scale)
         self.manual_backward(loss)
         optimizer = self.optimizers()
         if self.grad_clip_norm is not None:
@@ -299,7 +355,7 @@ class ClipLightningModule(L.LightningModule):
                 optimizer, gradient_clip_val=self.grad_clip_norm, gradient_clip_algorithm="norm"
             )
         self._losses.append(loss.detach())
-        self._logit_scale = logit_scale.detach()
+        self._keep_scalars(logit_scale)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.lr_schedulers().step()
@@ -309,7 +365,10 @@ class ClipLightningModule(L.LightningModule):
     def _end_step(self, step: int) -> None:
         """Optimizer step `step` done: its values stay on the device until the window is read."""
         loss = self._losses[0] if len(self._losses) == 1 else torch.stack(self._losses).mean()
-        self._window.append(torch.stack([loss.float(), self._logit_scale.float()]))
+        scalars = [loss.float(), self._logit_scale.float()]
+        if isinstance(self.loss_fn, SigLipLoss):
+            scalars.append(self._logit_bias.float())
+        self._window.append(torch.stack(scalars))
         epoch, batch = self._position
         self._rows.append(
             {
@@ -335,13 +394,15 @@ class ClipLightningModule(L.LightningModule):
         values = torch.stack(self._window).tolist()
         now = time.perf_counter()
         rows, self._rows, self._window = self._rows, [], []
-        for i, (row, (loss, logit_scale)) in enumerate(zip(rows, values, strict=True)):
+        for i, (row, (loss, logit_scale, *bias)) in enumerate(zip(rows, values, strict=True)):
             metrics = {
                 "train/loss": loss,
                 "train/lr": row["train/lr"],
                 "train/temperature": 1.0 / logit_scale,
                 "train/global_batch": row["train/global_batch"],
             }
+            if bias:  # SigLIP's
+                metrics["train/logit_bias"] = bias[0]
             if i == len(rows) - 1:
                 # the first window's time includes starting the workers: not a throughput
                 if self._t_window is not None:

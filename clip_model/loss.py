@@ -32,6 +32,11 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def world_size() -> int:
+    """Processes of the group the losses gather over (1 without one)."""
+    return _world()[1]
+
+
 def gather_features(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -192,24 +197,36 @@ class SigLipLoss(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(self.INIT_LOGIT_BIAS))
 
     def _pairs(
-        self, images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor, positives: bool
+        self,
+        images: torch.Tensor,
+        texts: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor,
+        positives: bool,
     ) -> torch.Tensor:
-        logits = (logit_scale * images @ texts.T + self.logit_bias).float()
+        logits = (logit_scale * images @ texts.T + logit_bias).float()
         signs = -torch.ones_like(logits)
         if positives:
             signs.fill_diagonal_(1.0)
         return -F.logsigmoid(signs * logits).sum()
 
     def forward(
-        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`logit_bias` None: this loss's own learnable bias (a caller passes its detached value
+        where the bias must get no gradient, as OpenCLIP's accumulation does for the scale)."""
         if image_features.shape != text_features.shape:
             raise ValueError(
                 f"image_features {list(image_features.shape)} and text_features "
                 f"{list(text_features.shape)} must have the same shape [N, D]"
             )
+        bias = self.logit_bias if logit_bias is None else logit_bias
         n = image_features.shape[0]
-        total = self._pairs(image_features, text_features, logit_scale, positives=True)
+        total = self._pairs(image_features, text_features, logit_scale, bias, positives=True)
         rank, world_size = _world()
         if world_size > 1:
             left, right = (rank - 1) % world_size, (rank + 1) % world_size
@@ -218,9 +235,9 @@ class SigLipLoss(nn.Module):
             for _ in range(rounds):  # each round brings the next chunk from either side
                 from_left, from_right = _BidirectionalExchange.apply(to_left, to_right, left, right)
                 for chunk in (from_left, from_right):
-                    total = total + self._pairs(image_features, chunk, logit_scale, False)
+                    total = total + self._pairs(image_features, chunk, logit_scale, bias, False)
                 to_left, to_right = from_right, from_left  # passed on round the ring
             if odd:  # an even world: the one chunk left is opposite, reached from one side
                 chunk = _NeighbourExchange.apply(to_right, right, left)
-                total = total + self._pairs(image_features, chunk, logit_scale, False)
+                total = total + self._pairs(image_features, chunk, logit_scale, bias, False)
         return total / n

@@ -333,6 +333,7 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
         eps=cfg.eps,
         warmup_steps=cfg.warmup_steps,
         min_lr_ratio=cfg.min_lr_ratio,
+        loss=cfg.loss,
         local_loss=cfg.local_loss,
         gather_with_grad=cfg.gather_with_grad,
         accum_freq=cfg.accum_freq,

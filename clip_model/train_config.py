@@ -171,8 +171,13 @@ class TrainConfig(_Strict):
         description="OpenCLIP's accumulation: features of accum_freq micro-batches of batch_size "
         "cached so the loss sees them all, then each re-encoded with a gradient",
     )
-    local_loss: bool = False
-    gather_with_grad: bool = True
+    loss: Literal["clip", "siglip"] = Field(
+        "clip",
+        description="clip: CLIP's InfoNCE (softmax over the batch); siglip: SigLIP's pairwise "
+        "sigmoid with a learnt bias (t = 10, b = -10 at the start; its ring exchange across ranks)",
+    )
+    local_loss: bool = Field(False, description="clip: each rank scores only its own rows")
+    gather_with_grad: bool = Field(True, description="clip: gathered features carry gradients")
     grad_checkpointing: bool = Field(False, description="recompute activations in backward")
     # speed options: None is the device's default (device_options)
     tf32: bool | None = Field(None, description="TF32 matmuls and convolutions; None: on a GPU")

@@ -1,5 +1,6 @@
 """OpenCLIP-style accumulation (`accum_freq`): one optimizer step over micro-batches whose loss
-sees the whole batch equals one step over the large batch, in loss and in every gradient.
+sees the whole batch equals one step over the large batch, in loss and in every gradient (with
+CLIP's loss, and with SigLIP's, whose learnt bias gets its gradient once, like the temperature).
 
 The two-rank case runs this file under torchrun (a DDP Trainer never runs in the test process:
 docs/design.md, trap 5); the reference is one process holding the whole batch.
@@ -18,34 +19,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from clip_model.lightning_module import ClipLightningModule
-from clip_model.loss import ClipLoss
+from clip_model.loss import ClipLoss, SigLipLoss
 from clip_model.model import create_model
+from tests.small_model import SMALL_MODEL as MODEL
+from tests.small_model import random_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD, ACCUM, MICRO = 2, 4, 2  # 2 ranks x 4 micro-batches of 2: a global batch of 16
-MODEL = dict(  # a small ViT: no BatchNorm, so splitting the batch changes nothing but the loss
-    name="accum-test",
-    embed_dim=16,
-    image_size=16,
-    vision_layers=1,
-    vision_width=32,
-    vision_patch_size=8,
-    vision_head_width=16,
-    context_length=8,
-    vocab_size=50,
-    text_width=32,
-    text_heads=2,
-    text_layers=1,
-    tokenizer="bpe",
-)
 
 
 def whole_batch(n: int = WORLD * ACCUM * MICRO) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(n, 3, 16, 16, generator=g)
-    text = torch.randint(1, 48, (n, 8), generator=g)
-    text[:, 5] = 49  # [EOS], the highest id
-    return images, text
+    return random_pairs(n)
 
 
 def micro_batches(rank: int, world: int, accum: int, micro: int) -> list[dict[str, torch.Tensor]]:
@@ -62,13 +46,18 @@ def micro_batches(rank: int, world: int, accum: int, micro: int) -> list[dict[st
     ]
 
 
-def reference() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss and gradients of one process on the whole batch."""
+def reference(loss: str = "clip") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and gradients of one process on the whole batch (SigLIP's bias as `logit_bias`)."""
     torch.manual_seed(0)
     model = create_model(MODEL)
-    loss = ClipLoss()(*model(*whole_batch()))
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    loss_fn = ClipLoss() if loss == "clip" else SigLipLoss()
+    if loss == "siglip":
+        with torch.no_grad():
+            model.logit_scale.fill_(SigLipLoss.INIT_LOGIT_SCALE)
+    value = loss_fn(*model(*whole_batch()))
+    value.backward()
+    parameters = [*model.named_parameters(), *loss_fn.named_parameters()]
+    return value.detach(), {n: p.grad.clone() for n, p in parameters}
 
 
 class _GradientsAtStep(L.Callback):
@@ -80,12 +69,15 @@ class _GradientsAtStep(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.loss = pl_module._losses[-1].clone()
-        self.grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters()}
+        parameters = [*pl_module.model.named_parameters(), *pl_module.loss_fn.named_parameters()]
+        self.grads = {n: p.grad.clone() for n, p in parameters}
 
 
-def one_accumulated_step(*, devices: int, rank: int, accum: int, micro: int, **trainer_args):
+def one_accumulated_step(
+    *, devices: int, rank: int, accum: int, micro: int, loss: str = "clip", **trainer_args
+):
     torch.manual_seed(0)  # the module's model is the reference's (DDP also broadcasts rank 0's)
-    module = ClipLightningModule(model=MODEL, accum_freq=accum, warmup_steps=1)
+    module = ClipLightningModule(model=MODEL, accum_freq=accum, warmup_steps=1, loss=loss)
     probe = _GradientsAtStep()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -107,22 +99,26 @@ def one_accumulated_step(*, devices: int, rank: int, accum: int, micro: int, **t
     return probe
 
 
-def assert_equal_to_reference(loss, grads, what: str) -> None:
-    ref_loss, ref_grads = reference()
+def assert_equal_to_reference(loss, grads, what: str, loss_name: str = "clip") -> None:
+    ref_loss, ref_grads = reference(loss_name)
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0, msg=f"{what}: loss")
     assert grads.keys() == ref_grads.keys()
     for name, ref in ref_grads.items():
         torch.testing.assert_close(grads[name], ref, atol=1e-5, rtol=1e-4, msg=f"{what}: {name}")
 
 
-def test_one_process_accumulating_micro_batches_equals_the_whole_batch():
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_one_process_accumulating_micro_batches_equals_the_whole_batch(loss):
     # 8 micro-batches of 2 in one process: every image scored against all 16 texts
-    probe = one_accumulated_step(devices=1, rank=0, accum=WORLD * ACCUM, micro=MICRO)
-    assert_equal_to_reference(probe.loss, probe.grads, "1 process x accum_freq 8")
+    probe = one_accumulated_step(devices=1, rank=0, accum=WORLD * ACCUM, micro=MICRO, loss=loss)
+    if loss == "siglip":
+        assert "logit_bias" in probe.grads
+    assert_equal_to_reference(probe.loss, probe.grads, f"1 process x accum_freq 8, {loss}", loss)
 
 
 @pytest.mark.slow  # ~1 min on 2 shared cores: two torchrun ranks start Lightning
-def test_two_gloo_ranks_accumulating_equal_one_process_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_two_gloo_ranks_accumulating_equal_one_process_on_the_whole_batch(tmp_path, loss):
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -138,12 +134,17 @@ def test_two_gloo_ranks_accumulating_equal_one_process_on_the_whole_batch(tmp_pa
         "--rdzv_endpoint=127.0.0.1:0",
         str(Path(__file__)),
         str(tmp_path),
+        loss,
     ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    for rank in range(WORLD):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
-        assert_equal_to_reference(result["loss"], result["grads"], f"rank {rank}")
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+    if loss == "siglip":  # a rank's loss is its own images' rows; their mean, the whole batch's
+        mean = sum(r["loss"] for r in results) / WORLD
+        for r in results:
+            r["loss"] = mean
+    for rank, result in enumerate(results):  # the gradients DDP averaged
+        assert_equal_to_reference(result["loss"], result["grads"], f"rank {rank}", loss)
 
 
 def test_accum_freq_and_plain_accumulation_are_not_combined(tmp_path):
@@ -156,11 +157,17 @@ def test_accum_freq_and_plain_accumulation_are_not_combined(tmp_path):
         )
 
 
-if __name__ == "__main__":  # one rank under torchrun: its loss and gradients to argv[1]
+if __name__ == "__main__":  # one rank under torchrun: its loss (argv[2]) and gradients to argv[1]
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     probe = one_accumulated_step(
-        devices=WORLD, rank=rank, accum=ACCUM, micro=MICRO, strategy="ddp", num_nodes=1
+        devices=WORLD,
+        rank=rank,
+        accum=ACCUM,
+        micro=MICRO,
+        loss=sys.argv[2],
+        strategy="ddp",
+        num_nodes=1,
     )
     torch.save({"loss": probe.loss, "grads": probe.grads}, Path(sys.argv[1]) / f"rank{rank}.pt")
     torch.distributed.barrier()

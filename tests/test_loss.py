@@ -16,32 +16,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from clip_model import create_model
 from clip_model.loss import ClipLoss, SigLipLoss
+from tests.small_model import SMALL_MODEL as MODEL
+from tests.small_model import random_pairs
 
 WORLD_SIZE, LOCAL_BATCH = 2, 4
-MODEL = dict(  # a small ViT: no BatchNorm, so splitting the batch changes nothing but the loss
-    name="loss-test",
-    embed_dim=16,
-    image_size=16,
-    vision_layers=1,
-    vision_width=32,
-    vision_patch_size=8,
-    vision_head_width=16,
-    context_length=8,
-    vocab_size=50,
-    text_width=32,
-    text_heads=2,
-    text_layers=1,
-    tokenizer="bpe",
-)
 
 
 def global_batch(world_size: int = WORLD_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    n = world_size * LOCAL_BATCH
-    images = torch.randn(n, 3, 16, 16, generator=g)
-    text = torch.randint(1, 48, (n, 8), generator=g)
-    text[:, 5] = 49  # [EOS], the highest id
-    return images, text
+    return random_pairs(world_size * LOCAL_BATCH)
 
 
 def fresh_model():

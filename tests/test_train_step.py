@@ -20,22 +20,8 @@ from torch.utils.data import DataLoader
 from clip_model.lightning_module import ClipLightningModule
 from clip_model.loss import ClipLoss
 from clip_model.model import create_model
+from tests.small_model import SMALL_MODEL as MODEL
 
-MODEL = dict(
-    name="step-test",
-    embed_dim=16,
-    image_size=16,
-    vision_layers=1,
-    vision_width=32,
-    vision_patch_size=8,
-    vision_head_width=16,
-    context_length=8,
-    vocab_size=50,
-    text_width=32,
-    text_heads=2,
-    text_layers=1,
-    tokenizer="bpe",
-)
 STEPS, BATCH, LOG_EVERY = 5, 4, 2
 HOST_READS = {"item", "__float__", "__int__", "__bool__", "__index__", "tolist", "numpy"}
 
