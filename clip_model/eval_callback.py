@@ -8,12 +8,14 @@
     )
     trainer = L.Trainer(callbacks=[callback], ...)   # e.g. clip_model.train.train(cfg, callbacks=[...])
 
-Every `every_n_steps` optimizer steps (and once at the end of training) rank 0 runs the suite on
-the module's model (`pl_module.model`, a `clip_model.CLIP`) and logs `<task>/<metric>` to the
+Every `every_n_steps` optimizer steps (and once at the end of training) the suite runs on the
+module's model (`pl_module.model`, a `clip_model.CLIP`) and rank 0 logs `<task>/<metric>` to the
 trainer's loggers at that step: the names the `evaluate` flow logs (`digits/acc1`,
-`retrieval/image_retrieval_recall_at_1`). The other ranks wait at a barrier, so under DDP the
-evaluation should stay short (a quick subset: `tasks=` and `max_images=`): a barrier longer than
-the process group's timeout (30 min by default) ends the run.
+`retrieval/image_retrieval_recall_at_1`). Under DDP every rank takes part: each embeds its share
+of each task's images and texts with `num_workers` loader workers, the features are gathered
+(clip_model/sharded_embedder.py) and every rank computes the same metrics from all of them,
+equal to one process's. An evaluation longer than the process group's timeout (30 min by
+default) still ends the run: keep it a quick subset (`tasks=` and `max_images=`).
 
 The tokenizer is the one given, else the module's or the DataModule's `tokenizer` attribute
 (`ClipDataModule` has one); the image size is the model's `config.image_size`.
@@ -32,10 +34,10 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from clip_model.embedder import Embedder
 from clip_model.eval_suite import EvalSuite, load_suite, quick_suite
 from clip_model.evaluate import flat_metrics, run_suite
 from clip_model.precision import Precision, parse_precision
+from clip_model.sharded_embedder import ShardedEmbedder
 
 __all__ = ["ZeroShotEvalCallback", "loggable_metrics", "mlflow_metric_name"]
 
@@ -150,35 +152,34 @@ class ZeroShotEvalCallback(Callback):
     # ---- the evaluation ---------------------------------------------------------------------
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """Run the suite on rank 0 and log it at the current step; every rank returns after the
-        barrier (only rank 0 returns the metrics, the others an empty dict)."""
+        """Run the suite on every rank (each embedding its share) and log it at the current step
+        on rank 0, which returns the metrics (the others an empty dict)."""
         step = trainer.global_step
         self.last_step = step
-        metrics: dict[str, float] = {}
-        if trainer.is_global_zero:
-            model = self._model(pl_module)
-            started = time.perf_counter()
-            embedder = Embedder(  # the model being trained, where and as it is
-                model,
-                self._tokenizer(trainer, pl_module),
-                device=None,
-                precision=self._precision(trainer),
-                batch_size=self.batch_size,
-                num_workers=self.num_workers,
-                progress=False,  # the training's own lines go on; no bar in between them
-            )
-            results = run_suite(embedder, self.suite)
-            seconds = time.perf_counter() - started
-            metrics = loggable_metrics(flat_metrics(results))
-            for logger in trainer.loggers:
-                logger.log_metrics({**metrics, "eval/seconds": seconds}, step=step)
-            if isinstance(getattr(pl_module, "last_metrics", None), dict):
-                pl_module.last_metrics.update(metrics)  # lands in the run's final metrics
-            self.history.append((step, metrics))
-            # printed like the module's step lines: the train flow streams the trainer's stdout
-            values = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-            print(f"step {step} eval {self.suite.name} ({seconds:.1f} s) {values}", flush=True)
-        trainer.strategy.barrier("ZeroShotEvalCallback.evaluate")
+        started = time.perf_counter()
+        embedder = ShardedEmbedder(  # the model being trained, where and as it is
+            self._model(pl_module),
+            self._tokenizer(trainer, pl_module),
+            device=None,
+            precision=self._precision(trainer),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            progress=False,  # the training's own lines go on; no bar in between them
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+        )
+        metrics = loggable_metrics(flat_metrics(run_suite(embedder, self.suite)))
+        seconds = time.perf_counter() - started
+        if not trainer.is_global_zero:
+            return {}
+        for logger in trainer.loggers:
+            logger.log_metrics({**metrics, "eval/seconds": seconds}, step=step)
+        if isinstance(getattr(pl_module, "last_metrics", None), dict):
+            pl_module.last_metrics.update(metrics)  # lands in the run's final metrics
+        self.history.append((step, metrics))
+        # printed like the module's step lines: the train flow streams the trainer's stdout
+        values = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        print(f"step {step} eval {self.suite.name} ({seconds:.1f} s) {values}", flush=True)
         return metrics
 
     def state_dict(self) -> dict[str, Any]:

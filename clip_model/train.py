@@ -219,7 +219,10 @@ def train(cfg: TrainConfig, *, callbacks: list | tuple = ()) -> dict[str, Any]:
         from clip_model.eval_callback import ZeroShotEvalCallback
 
         # the tokenizer comes from the DataModule at setup; a bad suite fails here, before training
-        callbacks.append(ZeroShotEvalCallback(**cfg.eval.model_dump()))
+        options = cfg.eval.model_dump()
+        workers = options.pop("workers")
+        workers = cfg.workers if workers is None else workers
+        callbacks.append(ZeroShotEvalCallback(**options, num_workers=workers))
     if cfg.optuna is not None:  # after the evaluator: it reports what the evaluator measured
         from clip_model.pruning import PRUNED_FILE, OptunaPruning
 

@@ -65,7 +65,8 @@ class MLflowConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    """Zero-shot evaluation during training (clip_model/eval_callback.py), logged to the run."""
+    """Zero-shot evaluation during training (clip_model/eval_callback.py), logged to the run:
+    every rank embeds its share of the images, the metrics are computed from all of them."""
 
     suite: str = Field(description="an eval suite YAML (configs/eval/*.yaml)")
     root: str | None = Field(None, description="the suite's {root}, e.g. the sample web's folder")
@@ -73,6 +74,9 @@ class EvalConfig(_Strict):
     tasks: list[str] | None = Field(None, description="None: every task of the suite")
     max_images: int | None = Field(None, gt=0, description="per task: a quick subset")
     batch_size: int = Field(128, gt=0)
+    workers: int | None = Field(
+        None, ge=0, description="loader workers per rank for the images; None: the training's"
+    )
     precision: str = Field(
         "auto", description="auto: the trainer's precision; else clip_model.precision's spellings"
     )
