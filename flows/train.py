@@ -23,8 +23,9 @@ if __name__ == "__main__":  # parse and check the command line before the import
 import mlflow
 from prefect import flow
 
+from clip_model.train_config import TrainConfig
 from flows import cli
-from storage import open_dataset
+from storage import Dataset, open_dataset
 from storage.tracking import log_dataset, stage_run, tracking_uri
 from tasks.params.train import TrainParams
 from tasks.train import (
@@ -38,6 +39,7 @@ from tasks.train import (
     training_key,
     write_train_config,
 )
+from tasks.train_output import start_writing, training_output
 
 
 @flow(name="train", log_prints=True)
@@ -55,10 +57,12 @@ def train(
     registered_model: str | None = None,
     promote: bool = False,
     settings: list[str] | None = None,
+    force: bool = False,
 ) -> TrainResult:
     """Train `model` (default: the config's, else "tiny") on the dataset `data`.
 
-    Returns where the checkpoints are and the final metrics (TrainResult).
+    Returns where the checkpoints are and the final metrics (TrainResult). `force`: replace an
+    out_dir that holds files no training wrote.
     """
     options = {
         "data": data,
@@ -78,11 +82,25 @@ def train(
     cfg = resolve_train_config(config, options, settings or [])
     dataset = open_dataset(cfg.data)
     key = training_key(cfg, dataset.digest)
-    done = finished_training(cfg, key)
-    if done is not None:
-        print(f"{cfg.out_dir} already holds this training ({key[:19]}); reusing {done.checkpoint}")
-        promote_champion(cfg, done)
-        return done
+    # out_dir: checked, locked and marked unfinished while a run writes it (tasks/train_output.py)
+    with training_output(cfg, force) as out:
+        result = finished_training(cfg, key)
+        if result is not None:
+            print(f"{cfg.out_dir} holds this training ({key[:19]}); reusing {result.checkpoint}")
+        else:
+            start_writing(out)
+            result = _train(cfg, key, dataset)
+            print(
+                f"trained {result.global_step} steps ({result.world_size} x batch "
+                f"{result.global_batch_size // result.world_size}); checkpoint {result.checkpoint}"
+            )
+        out.commit()
+    promote_champion(cfg, result)
+    return result
+
+
+def _train(cfg: TrainConfig, key: str, dataset: Dataset) -> TrainResult:
+    """One run of the trainer into out_dir, its result recorded there last (train_done.json)."""
     cfg = resume_unfinished(cfg, key)
     with stage_run("train", params=cfg.model_dump(mode="json")) as run:
         log_dataset(dataset, context="input")
@@ -94,11 +112,6 @@ def train(
         mlflow.log_metrics({k: v for k, v in result.metrics.items() if k.startswith("val/")})
         mlflow.log_metric("global_step", result.global_step)
         record_training(cfg, key, result)
-    promote_champion(cfg, result)
-    print(
-        f"trained {result.global_step} steps ({result.world_size} x batch "
-        f"{result.global_batch_size // result.world_size}); checkpoint {result.checkpoint}"
-    )
     return result
 
 

@@ -330,6 +330,14 @@ class StageOutput:
             state=state,
         )
 
+    def reopen(self) -> None:
+        """In place: the stage is about to change an output it found complete (a training
+        continued under another config): marked open, so it reads as unfinished until `commit()`."""
+        if self.mode != "in_place":
+            raise ValueError(f"{self.url}: reopen() is for in-place outputs; replace stages anew")
+        _write_record(self._loc, self._loc.path, self._new_record("open"))
+        self.done = self.committed = False
+
     def commit(self) -> None:
         """Make what the stage wrote the output: swapped in whole (replace) or marked committed."""
         if self.committed:

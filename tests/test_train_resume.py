@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from storage.output import read_record
 from tasks.pipeline import load_profile
 from tests.test_train import ROOT, micro_config, write_shapes
 
@@ -79,6 +80,9 @@ def test_a_rerun_of_the_train_flow_resumes_a_killed_training(tmp_path, prefect_h
     assert first.exists(), proc.stderr.read()[-3000:]
     assert not (out / "final_metrics.json").exists(), "the training finished before the kill"
     assert (out / "checkpoints" / "last.ckpt").exists()
+    # the killed run's folder reads as unfinished, and its lock is left for the rerun to break
+    assert read_record(str(out)).state == "open" and not (out / "train_done.json").exists()
+    assert (out.parent / f".{out.name}.lock").exists()
     killed_at = max(int(p.stem.split("-")[1]) for p in (out / "checkpoints").glob("step-*.ckpt"))
 
     result = train_flow(data=data, config=str(config), out_dir=str(out), max_steps=15)
@@ -91,6 +95,7 @@ def test_a_rerun_of_the_train_flow_resumes_a_killed_training(tmp_path, prefect_h
     last = out / "checkpoints" / "last.ckpt"
     assert last.read_bytes() == Path(result.checkpoint).read_bytes()
 
+    assert read_record(str(out)).state == "committed"
     again = train_flow(data=data, config=str(config), out_dir=str(out), max_steps=15)
     assert again.skipped and again.global_step == 15  # finished: reused, not resumed
 

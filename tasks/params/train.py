@@ -85,9 +85,12 @@ class TrainParams(BaseModel):
         description="any other TrainConfig field, dotted for nested (a YAML value; repeatable)",
         json_schema_extra=cli("--set", repeat=True, metavar="KEY=VALUE"),
     )
+    force: bool = Field(
+        False, description="replace an --out folder holding files no training wrote"
+    )
 
     def overrides(self) -> list[Override]:
-        options = self.model_dump(exclude={"config", "settings"})
+        options = self.model_dump(exclude={"config", "settings", "force"})
         return option_overrides(options) + parse_overrides(self.settings or [], flag="--set")
 
     _precision = field_validator("precision")(check_precision)
