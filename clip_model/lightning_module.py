@@ -27,9 +27,7 @@ perf/data_wait_frac (time spent waiting for the next batch / wall time) over tha
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import time
 from typing import Any
 
@@ -38,11 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from clip_model.config import ModelConfig
-from clip_model.loss import ClipLoss, SigLipLoss, world_size
+from clip_model.loss import ClipLoss, SigLipLoss
+from clip_model.metrics_file import MetricsFile
 from clip_model.model import create_model
 from clip_model.retrieval import gather_retrieval_features, retrieval_metrics
 from clip_model.step_checkpoint import StepCheckpoint, latest_checkpoint  # re-exported
-from storage.fs import atomic_write_bytes, filesystem
 
 __all__ = ["ClipLightningModule", "StepCheckpoint", "cosine_with_warmup", "latest_checkpoint"]
 
@@ -64,49 +62,6 @@ def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     """Gains, biases, embeddings, the temperature and SigLIP's logit bias (a scalar) are not
     decayed (as OpenCLIP)."""
     return param.ndim < 2 or "embedding" in name or "logit_scale" in name
-
-
-def _drop_rows_from(url: str, step: int) -> None:
-    """Before a run appends its first row (step `step`), drop the rows an interrupted run had
-    written from that step on: a run resumed into the same folder rewrites them, and
-    metrics.jsonl keeps one row per step. A torn last line (a kill mid-write) goes too."""
-    fs, path = filesystem(url)
-    if not fs.exists(path):
-        return
-    with fs.open(path, "rb") as f:
-        lines = f.read().decode("utf-8", errors="replace").splitlines()
-    kept = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < step:
-            kept.append(line)
-    if len(kept) != len(lines):
-        atomic_write_bytes(url, "".join(f"{line}\n" for line in kept).encode())
-
-
-class _MeasuredClipLoss(ClipLoss):
-    """ClipLoss that remembers how many texts each image was scored against: the global batch
-    the loss really saw (all ranks' features gathered), logged as train/global_batch."""
-
-    last_global_batch: int = 0
-
-    def logits(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        logits_per_image, logits_per_text = super().logits(*args)
-        self.last_global_batch = logits_per_image.shape[1]
-        return logits_per_image, logits_per_text
-
-
-class _MeasuredSigLipLoss(SigLipLoss):
-    """SigLipLoss that remembers the global batch: each image meets every rank's texts."""
-
-    last_global_batch: int = 0
-
-    def forward(self, image_features: torch.Tensor, *args: Any) -> torch.Tensor:
-        self.last_global_batch = image_features.shape[0] * world_size()
-        return super().forward(image_features, *args)
 
 
 class ClipLightningModule(L.LightningModule):
@@ -165,18 +120,16 @@ class ClipLightningModule(L.LightningModule):
         if loss == "siglip":  # the paper's init: t = 10 (b = -10 is the loss's own)
             with torch.no_grad():
                 self.model.logit_scale.fill_(SigLipLoss.INIT_LOGIT_SCALE)
-            self.loss_fn: ClipLoss | SigLipLoss = _MeasuredSigLipLoss()
+            self.loss_fn: ClipLoss | SigLipLoss = SigLipLoss()
         else:
-            self.loss_fn = _MeasuredClipLoss(
-                local_loss=local_loss, gather_with_grad=gather_with_grad
-            )
+            self.loss_fn = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)
         self.accum_freq, self.grad_clip_norm = accum_freq, grad_clip_norm
         # OpenCLIP's accumulation runs its own backward passes (see _accumulating_step); the
         # Trainer's clipping is not available there, so this module clips (grad_clip_norm)
         self.automatic_optimization = accum_freq == 1
-        self.metrics_path, self.print_every, self.log_every = metrics_path, print_every, log_every
+        self.log_every = log_every
         self.last_metrics: dict[str, float] = {}
-        self._metrics_file = None
+        self._metrics_file = MetricsFile(metrics_path, print_every=print_every)
         self._t_end: float | None = None  # when the previous batch finished
         self._t_window: float | None = None  # when the previous metrics window was read
         self._micro: list[tuple[torch.Tensor, torch.Tensor]] = []  # accum_freq's inputs
@@ -235,6 +188,16 @@ class ClipLightningModule(L.LightningModule):
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         self._end_step(step)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resume with the other loss: refused by name (the state dicts differ by SigLIP's
+        bias, which Lightning would report as a missing or unexpected key)."""
+        trained = checkpoint.get("hyper_parameters", {}).get("loss", "clip")
+        if trained != self.hparams.loss:
+            raise ValueError(
+                f"the checkpoint was trained with loss={trained}, this run has "
+                f"loss={self.hparams.loss}: resume with loss={trained}, or start a new run"
+            )
 
     # ---- training ---------------------------------------------------------------------------
 
@@ -417,7 +380,7 @@ class ClipLightningModule(L.LightningModule):
                     self.log_dict(metrics, logger=False, on_step=True, on_epoch=False)
             self._log(metrics, step=row["step"])
             if self.trainer.is_global_zero:
-                self._record(row, metrics)
+                self._metrics_file.write(row, metrics)
         self._samples, self._waited = 0, 0.0
         self._t_window = time.perf_counter()
 
@@ -433,30 +396,9 @@ class ClipLightningModule(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.trainer.global_step if step is None else step)
 
-    def _record(self, row: dict[str, Any], metrics: dict[str, float]) -> None:
-        step = row["step"]
-        record = {"step": step, "epoch": row["epoch"], "batch": row["batch"], **metrics}
-        if self.metrics_path:
-            if self._metrics_file is None:
-                fs, path = filesystem(self.metrics_path)
-                fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-                _drop_rows_from(self.metrics_path, step)
-                self._metrics_file = fs.open(path, "a")
-            self._metrics_file.write(json.dumps(record) + "\n")
-            self._metrics_file.flush()
-        if self.print_every and step % self.print_every == 0:
-            fields = " ".join(
-                f"{k.split('/')[-1]}={v:.4g}"
-                for k, v in metrics.items()
-                if not k.startswith("data")
-            )
-            print(f"step {step} epoch {row['epoch']} {fields}", flush=True)
-
     def on_train_end(self) -> None:
         self.flush_metrics()
-        if self._metrics_file is not None:
-            self._metrics_file.close()
-            self._metrics_file = None
+        self._metrics_file.close()
 
     # ---- validation: contrastive loss and retrieval recall on the held-out split -------------
 

@@ -32,11 +32,6 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def world_size() -> int:
-    """Processes of the group the losses gather over (1 without one)."""
-    return _world()[1]
-
-
 def gather_features(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -66,6 +61,9 @@ class ClipLoss(nn.Module):
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self._labels: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+        # how many texts each image was scored against in the last call: the global batch the
+        # loss really saw (all ranks' features gathered), logged as train/global_batch
+        self.last_global_batch = 0
 
     def labels(self, n: int, device: torch.device, rank: int, world_size: int) -> torch.Tensor:
         """Row i's positive column; cached per device, batch size and offset."""
@@ -80,6 +78,7 @@ class ClipLoss(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits_per_image, logits_per_text), rows local or global as the mode says."""
         rank, world_size = _world()
+        self.last_global_batch = text_features.shape[0] * world_size
         if world_size == 1:
             logits_per_image = logit_scale * image_features @ text_features.T
             return logits_per_image, logits_per_image.T
@@ -195,6 +194,7 @@ class SigLipLoss(nn.Module):
     def __init__(self):
         super().__init__()
         self.logit_bias = nn.Parameter(torch.tensor(self.INIT_LOGIT_BIAS))
+        self.last_global_batch = 0  # texts each image met in the last call (all ranks')
 
     def _pairs(
         self,
@@ -228,6 +228,7 @@ class SigLipLoss(nn.Module):
         n = image_features.shape[0]
         total = self._pairs(image_features, text_features, logit_scale, bias, positives=True)
         rank, world_size = _world()
+        self.last_global_batch = text_features.shape[0] * world_size
         if world_size > 1:
             left, right = (rank - 1) % world_size, (rank + 1) % world_size
             to_left = to_right = text_features

@@ -98,3 +98,11 @@ def test_a_resumed_siglip_run_continues_with_the_checkpoints_bias(siglip_run):
     expected = torch.load(result["checkpoint"], weights_only=False)["state_dict"]
     for key in ("loss_fn.logit_bias", "model.logit_scale"):
         torch.testing.assert_close(end[key], expected[key], atol=1e-6, rtol=0)
+
+
+def test_resuming_with_the_other_loss_is_refused_naming_both(siglip_run):
+    tmp, config, _ = siglip_run
+    midway = tmp / "whole" / "checkpoints" / f"step-{HALF:08d}.ckpt"
+    cfg = load_config(config, [f"out_dir={tmp / 'as-clip'}", f"resume={midway}", "loss=clip"])
+    with pytest.raises(ValueError, match=r"trained with loss=siglip.*this run has loss=clip"):
+        train(cfg)
