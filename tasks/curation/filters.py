@@ -201,9 +201,11 @@ def near_duplicates(table: pa.Table, cfg: NearDuplicates, ctx: FilterContext) ->
     if cfg.within_dataset:
         rest = np.flatnonzero(why == None)  # noqa: E711  (object array: elementwise)
         kept, match, dist = greedy_dedup(hashes[rest], cfg.threshold, thumbs[rest], tol)
-        keys = table.column("key").to_pylist()
-        for j in np.flatnonzero(~kept).tolist():
-            why[rest[j]] = f"near {keys[rest[match[j]]]} (distance {dist[j]})"
+        dropped = np.flatnonzero(~kept)
+        # only the matched keys become Python strings, not every sample's
+        keys = table.column("key").take(pa.array(rest[match[dropped]], pa.int64())).to_pylist()
+        for j, key in zip(dropped.tolist(), keys, strict=True):
+            why[rest[j]] = f"near {key} (distance {dist[j]})"
     return pa.array(why.tolist(), pa.string())
 
 

@@ -60,24 +60,32 @@ def shard_sizes(n: int, num_shards: int) -> list[int]:
     return [n // k + (1 if i < n % k else 0) for i in range(k)] if k else []
 
 
-def is_validation(keys: Sequence[str], fraction: float) -> np.ndarray:
+def is_validation(keys: Sequence[str] | pa.Array, fraction: float) -> np.ndarray:
     """Whether each key belongs to the validation split: the first 8 bytes of BLAKE2b(key) read
     as a number in [0, 1) fall below `fraction`. Stable: a key's split never depends on the rest
-    of the dataset, its order, or the run (so a re-curation keeps train and val apart)."""
+    of the dataset, its order, or the run (so a re-curation keeps train and val apart). An Arrow
+    array is hashed a slice at a time, so its keys never become Python objects all at once."""
     if fraction <= 0:
         return np.zeros(len(keys), bool)
+    if isinstance(keys, pa.Array | pa.ChunkedArray):
+        slices = (keys.slice(i, _HASH_SLICE).to_pylist() for i in range(0, len(keys), _HASH_SLICE))
+        return np.concatenate([np.zeros(0, bool), *(is_validation(s, fraction) for s in slices)])
     blob = b"".join(hashlib.blake2b(k.encode(), digest_size=8).digest() for k in keys)
     values = np.frombuffer(blob, ">u8").astype(np.float64) / 2.0**64
     return values < fraction
 
 
+_HASH_SLICE = 65_536
+
+
 @dataclass(frozen=True)
 class ShardPart:
-    """Samples of one input shard that go into an output shard (keys in input order)."""
+    """Samples of one input shard that go into an output shard (keys in input order). Arrow
+    arrays, not Python objects per sample: the driver holds every job of the write at once."""
 
     shard: str
-    keys: tuple[str, ...]
-    clip_scores: tuple[float, ...] | None = None
+    keys: pa.Array  # string
+    clip_scores: pa.Array | None = None  # float32, null where not scored
 
 
 @dataclass(frozen=True)
@@ -115,9 +123,13 @@ def write_shard(job: ReshardJob) -> tuple[ShardEntry | None, ShardEntry | None]:
     routes: dict[str, dict[str, tuple[int, float | None]]] = {}  # shard -> key -> (plan, score)
     for plan in plans:
         for part in plan.parts:
-            scores = part.clip_scores or (None,) * len(part.keys)
+            keys = part.keys.to_pylist()
+            scores = part.clip_scores.to_pylist() if part.clip_scores is not None else None
             route = routes.setdefault(part.shard, {})
-            route.update((k, (id(plan), sc)) for k, sc in zip(part.keys, scores, strict=True))
+            route.update(
+                (k, (id(plan), sc))
+                for k, sc in zip(keys, scores or [None] * len(keys), strict=True)
+            )
     scored = any(part.clip_scores is not None for plan in plans for part in plan.parts)
     for shard, route in sorted(routes.items()):  # input shards in input order
         parquet = join(job.dataset, f"{shard}.parquet")
@@ -177,20 +189,31 @@ class _Parts:
 
     def __call__(self, rows: np.ndarray) -> tuple[ShardPart, ...]:
         take = pa.array(rows, pa.int64())
-        keys = self.keys.take(take).to_pylist()
+        keys = _array(self.keys.take(take))
         shards = self.codes.indices.take(take).to_numpy(zero_copy_only=False)
-        scores = self.scores.take(take).to_pylist() if self.scores is not None else None
+        scores = _array(self.scores.take(take)) if self.scores is not None else None
         parts, begin = [], 0
         for end in [*(np.flatnonzero(np.diff(shards)) + 1).tolist(), len(keys)]:
             parts.append(
                 ShardPart(
                     shard=self.codes.dictionary[int(shards[begin])].as_py(),
-                    keys=tuple(keys[begin:end]),
-                    clip_scores=tuple(scores[begin:end]) if scores is not None else None,
+                    # copies, not slices: a pickled slice would carry the whole buffer
+                    keys=_copy(keys.slice(begin, end - begin)),
+                    clip_scores=_copy(scores.slice(begin, end - begin))
+                    if scores is not None
+                    else None,
                 )
             )
             begin = end
         return tuple(parts)
+
+
+def _array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+def _copy(values: pa.Array) -> pa.Array:
+    return pa.concat_arrays([values])
 
 
 def plan_shards(
@@ -330,8 +353,7 @@ def _write_curated(
     log: Log,
 ) -> Manifest:
     kept = np.flatnonzero(sel.kept)
-    keys = sel.samples.column("key").take(pa.array(kept, pa.int64())).to_pylist()
-    val = is_validation(keys, val_fraction)
+    val = is_validation(sel.samples.column("key").take(pa.array(kept, pa.int64())), val_fraction)
     train_rows, val_rows = kept[~val], kept[val]
     sizes = shard_sizes(len(train_rows), num_shards)
     if 0 < len(train_rows) < num_shards:
