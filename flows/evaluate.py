@@ -31,6 +31,7 @@ from pathlib import Path
 import mlflow
 from prefect import flow, get_run_logger
 
+import configs
 from clip_model.checkpoint import resolve_weights
 from clip_model.precision import parse_precision
 from flows import cli
@@ -83,6 +84,7 @@ def evaluate(
     logger = get_run_logger()
     precision = parse_precision(precision).name  # one name per behaviour: amp_bf16 is bf16
     eval_suite = load_eval_suite(suite, root, tasks)  # bad suite or data: fails before any work
+    suite = str(configs.locate(suite, "eval"))  # a preset name is its shipped file from here on
     # models:/name@alias or models:/name/version: the registered weights, fetched once
     registered = fetch_registered_model(checkpoint) if is_model_uri(checkpoint) else None
     weights = registered.weights if registered else checkpoint

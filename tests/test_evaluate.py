@@ -472,3 +472,14 @@ def test_callback_refuses_a_task_the_suite_does_not_have(web, suite):
         ZeroShotEvalCallback(suite, root=web, every_n_steps=10, tasks=["birds"])
     with pytest.raises(EvalSuiteError, match="missing.yaml"):
         ZeroShotEvalCallback(suite.with_name("missing.yaml"), root=web, every_n_steps=10)
+
+
+def test_a_suite_preset_name_is_evaluated_as_its_shipped_file(
+    prefect_harness, mlflow_tmp, web, exported, tmp_path
+):
+    # --help promises a preset name of configs/eval/; it died on open('sample') after loading it
+    common = dict(checkpoint=str(exported), root=str(web), output=str(tmp_path / "out"))
+    by_name = evaluate(suite="sample", tasks=["colors"], **common)
+    assert not by_name.skipped and set(by_name.metrics) == {"colors"}
+    by_path = evaluate(suite="configs/eval/sample.yaml", tasks=["colors"], **common)
+    assert by_path.skipped and by_path.key == by_name.key  # one suite, one identity
