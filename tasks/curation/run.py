@@ -203,7 +203,7 @@ def select_samples(
     def image_pass() -> None:
         alive = np.flatnonzero(sel.kept)
         for reason in (UNDECODABLE, TOO_LARGE):  # clip_model.images.REASONS
-            failed = alive[scans.failure[alive] == reason]
+            failed = scans.failed(alive, reason)
             if reason == UNDECODABLE or len(failed):  # a step for pixel bombs only when met
                 drop(failed, reason, scans.failure_detail(failed))
 
@@ -279,22 +279,27 @@ class _Scans:
                 thumbs.append(scan.thumbs)
             if scan.clip_score is not None:
                 clip.append(scan.clip_score)
-        self.keys = _concat(keys, pa.string())
+        # each feature's parts are dropped once joined: the peak is one copy plus one feature
+        self.keys = _concat(_drain(keys), pa.string())
         names = [s for s, _ in shards]
         self.shard = pa.DictionaryArray.from_arrays(
             pa.array(np.repeat(np.arange(len(names), dtype=np.int32), [k for _, k in shards])),
             pa.array(names, pa.string()),
         )
-        self.local = {name: _concat(parts, pa.string()) for name, parts in local.items()}
-        self.digests = {c: np.concatenate(v) for c, v in digests.items()}
-        self.present = {c: np.concatenate(v) for c, v in present.items()}
-        failures = _concat(failure, pa.string())
-        self.failure = np.asarray(failures.to_numpy(zero_copy_only=False), dtype=object)
-        self._detail = _concat(detail, pa.string())
-        self.short_side = np.concatenate(short) if short else np.zeros(0, np.float32)
-        self.phash = np.concatenate(phash) if phash else None
-        self.thumbs = np.concatenate(thumbs) if thumbs else None
-        self.clip_score = np.concatenate(clip) if clip else None
+        self.local = {name: _concat(_drain(local[name]), pa.string()) for name in list(local)}
+        self.digests = {c: np.concatenate(_drain(digests[c])) for c in list(digests)}
+        self.present = {c: np.concatenate(_drain(present[c])) for c in list(present)}
+        self.failure = _concat(_drain(failure), pa.string())  # null: decoded or not asked
+        self._detail = _concat(_drain(detail), pa.string())
+        self.short_side = np.concatenate(_drain(short)) if short else np.zeros(0, np.float32)
+        self.phash = np.concatenate(_drain(phash)) if phash else None
+        self.thumbs = np.concatenate(_drain(thumbs)) if thumbs else None
+        self.clip_score = np.concatenate(_drain(clip)) if clip else None
+
+    def failed(self, rows: np.ndarray, reason: str) -> np.ndarray:
+        """Those of `rows` the image pass failed for `reason`."""
+        hit = pc.equal(self.failure.take(pa.array(rows, pa.int64())), reason)
+        return rows[pc.fill_null(hit, False).to_numpy(zero_copy_only=False)]
 
     def failure_detail(self, rows: np.ndarray) -> list:
         return self._detail.take(pa.array(rows, pa.int64())).to_pylist()
@@ -320,6 +325,13 @@ class _Scans:
                 ),
             }
         )
+
+
+def _drain(parts: list) -> list:
+    """The list's items, leaving it empty: the caller's join then holds the only references."""
+    items = parts[:]
+    parts.clear()
+    return items
 
 
 def _concat(arrays: list, type_: pa.DataType) -> pa.Array:
