@@ -330,6 +330,33 @@ def test_greedy_dedup_keeps_the_first_of_each_group():
     assert dist.tolist() == [-1, 1, -1, 0, -1]
 
 
+def test_greedy_dedup_matches_a_sample_by_sample_scan():
+    # repeated (hash, thumbnail) pairs, the same hash under other thumbnails, near hashes: the
+    # collapsed groups and the hash index must decide as a plain scan over every earlier sample
+    from tasks.curation.near_dup import thumb_difference
+
+    rng = np.random.default_rng(3)
+    n = 400
+    centres = rng.integers(0, 2**63, 40, dtype=np.int64).astype(np.uint64)
+    flips = np.uint64(1) << rng.integers(0, 64, n).astype(np.uint64)
+    hashes = centres[rng.integers(0, 40, n)] ^ (flips * (rng.random(n) < 0.4).astype(np.uint64))
+    thumbs = (rng.integers(0, 2, (n, 48)) * 20 * (rng.random((n, 1)) < 0.5)).astype(np.uint8)
+    for t, tol in ((0, 255.0), (1, 5.0), (3, 12.0)):
+        kept, match, dist = greedy_dedup(hashes, t, thumbs, tol)
+        for i in range(n):
+            earlier = [
+                j
+                for j in range(i)
+                if kept[j]
+                and hamming(hashes[i], hashes[j]) <= t
+                and thumb_difference(thumbs[i], thumbs[j]) <= tol
+            ]
+            assert kept[i] == (not earlier), (t, i)
+            assert match[i] == (earlier[0] if earlier else -1), (t, i)
+            expected = hamming(hashes[i], hashes[earlier[0]]) if earlier else -1
+            assert dist[i] == expected, (t, i)
+
+
 def test_phash_is_stable_under_reencoding_and_resizing():
     image = picture(7, 128)
     copy = Image.open(io.BytesIO(jpeg(image.resize((80, 80)), 60)))
