@@ -183,7 +183,10 @@ def greedy_dedup(
     rep = _first_of_equal(hashes, thumbs)
     u_first = np.flatnonzero(rep == np.arange(n))
     u_of_sample = np.searchsorted(u_first, rep)
-    u_hashes, u_thumbs = hashes[u_first], thumbs[u_first]
+    if len(u_first) == n:  # all distinct (the usual case): no copies of the arrays
+        u_hashes, u_thumbs = hashes, thumbs
+    else:
+        u_hashes, u_thumbs = hashes[u_first], thumbs[u_first]
     u_kept = np.ones(len(u_hashes), bool)
     u_match = np.full(len(u_hashes), -1, np.int64)  # matched distinct hash (by rank)
     u_dist = np.zeros(len(u_hashes), np.int64)

@@ -20,6 +20,7 @@ fraction. Writing (tasks/curation/write.py) is again one task per output shard.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 from collections.abc import Callable
@@ -166,6 +167,7 @@ def select_samples(
         for entry in ds.manifest.shards
     ]
     scans = _Scans(engine.map(scan_shard, jobs, desc="curate: scan", progress=progress))
+    _return_freed_memory()
     n = len(scans.keys)
     log(
         f"{ds.url}: {scans.rows} rows, {n} samples (rows with status success) in {len(jobs)} shards"
@@ -225,6 +227,7 @@ def select_samples(
             hit = why.is_valid().to_numpy(zero_copy_only=False)
             rows, details = alive[hit], why.filter(pa.array(hit)).to_pylist()
         drop(rows, cfg.name, details)
+        _return_freed_memory()  # the step's transients
     if position == len(spec.filters):
         image_pass()
     assert sum(sel.removed.values()) + int(sel.kept.sum()) == n, "kept + rejected != input"
@@ -325,6 +328,16 @@ class _Scans:
                 ),
             }
         )
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages freed by the joins and global steps back to the OS: glibc keeps them
+    when long-lived arrays sit between them (at 1M samples, about 120 MB after the scans' join).
+    Not glibc (macOS, musl): nothing to do."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _drain(parts: list) -> list:
