@@ -190,18 +190,29 @@ def test_output_on_a_file_is_refused(tmp_path):
         read_url_list.fn(str(tmp_path / "u.parquet"), str(tmp_path / "file" / "out"), CrawlParams())
 
 
-def _ingest_command(url_list: str, output: Path, per_shard: int) -> list[str]:
+def _ingest_command(
+    url_list: str, output: Path, per_shard: int, distributor: str = "multiprocessing"
+) -> list[str]:
     params = sample_crawl_params(number_sample_per_shard=per_shard)
     return [
         sys.executable, "-m", "flows.ingest", "--url-list", url_list, "--output", str(output),
         "--number-sample-per-shard", str(per_shard), "--timeout", str(params.timeout),
         "--min-image-size", str(params.min_image_size), "--max-aspect-ratio", str(params.max_aspect_ratio),
         "--save-additional-columns", "expected", "--processes-count", "1", "--thread-count", "8",
+        "--distributor", distributor,
     ]  # fmt: skip
 
 
-def test_killed_crawl_resumes_and_skips_finished_shards(tmp_path, sample_url_list, prefect_harness):
-    """Kill a real crawl (SIGKILL to its whole process group) once a shard is done, then resume."""
+@pytest.mark.parametrize(
+    "distributor", ["multiprocessing", pytest.param("ray", marks=pytest.mark.slow)]
+)
+def test_killed_crawl_resumes_and_skips_finished_shards(
+    tmp_path, sample_url_list, prefect_harness, distributor
+):
+    """Kill a real crawl (SIGKILL to its whole process group) once a shard is done, then resume.
+    With `ray`, the command starts its own local Ray; its raylet and workers share the process
+    group (and die with the driver), so the kill takes the whole crawl down as on a cluster node's
+    loss, and the rerun's new Ray must still skip what the first one finished."""
     from prefect.settings import PREFECT_API_URL
 
     subset = tmp_path / "urls.parquet"
@@ -210,7 +221,7 @@ def test_killed_crawl_resumes_and_skips_finished_shards(tmp_path, sample_url_lis
     out = tmp_path / "crawl"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env["PREFECT_API_URL"] = PREFECT_API_URL.value()  # the session's server: no ephemeral one
-    cmd = _ingest_command(str(subset), out, per_shard=250)
+    cmd = _ingest_command(str(subset), out, per_shard=250, distributor=distributor)
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT
