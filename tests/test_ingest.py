@@ -210,9 +210,8 @@ def test_killed_crawl_resumes_and_skips_finished_shards(
     tmp_path, sample_url_list, prefect_harness, distributor
 ):
     """Kill a real crawl (SIGKILL to its whole process group) once a shard is done, then resume.
-    With `ray`, the command starts its own local Ray; its raylet and workers share the process
-    group (and die with the driver), so the kill takes the whole crawl down as on a cluster node's
-    loss, and the rerun's new Ray must still skip what the first one finished."""
+    With `ray`, the command starts its own local Ray, whose raylet and workers share the process
+    group and die with it; the rerun's new Ray must still skip what the first one finished."""
     from prefect.settings import PREFECT_API_URL
 
     subset = tmp_path / "urls.parquet"
